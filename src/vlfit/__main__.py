@@ -1,0 +1,3 @@
+from vlfit.cli import main
+
+main()

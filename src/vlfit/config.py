@@ -1,0 +1,178 @@
+"""Typed, validated run configuration: YAML in, `Config` out, `key.sub=value` overrides on top.
+
+Every knob a run uses lives here with a one-line comment, and the fully resolved config is written
+into each run directory, so a run directory says everything its run did.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlfit.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    backbone: str = "tiny-clip"  # preset (tiny-clip, tiny-siglip), hub id or local directory
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"  # attention kernel of the transformers model
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on pooled features before the head
+    trust_remote_code: bool = False  # never run code from the hub unless asked
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic-har"] = "synthetic-har"  # where images come from
+    num_images: int = Field(2000, ge=30)  # synthetic-har: how many images to generate
+    image_size: int = Field(96, ge=16, le=1024)  # synthetic-har: side of the generated images
+    seed: int = 0  # synthetic-har: generator seed
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # stratified share held out for validation
+    split_seed: int = 42  # seed of the stratified split
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
+    hflip: float = Field(0.5, ge=0.0, le=1.0)  # horizontal-flip probability
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be [low, high] with 0 < low <= high, got {list(v)}")
+        return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_at_most_one(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] > 1:
+            raise ValueError(f"a crop cannot cover more than the whole image: high must be <= 1, got {v[1]}")
+        return v
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)  # passes over the training split
+    micro_batch: int = Field(64, ge=1)  # images per forward/backward
+    accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step: effective batch = micro_batch x accum_steps
+    eval_batch: int = Field(256, ge=1)  # images per evaluation forward (no gradients, so larger)
+    lr: float = Field(1e-3, gt=0.0)  # peak learning rate after warmup
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # cosine floor as a fraction of lr
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)  # share of optimizer steps spent warming up linearly
+    weight_decay: float = Field(0.05, ge=0.0)  # AdamW decay; never applied to biases and norm weights
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    grad_clip: float | None = Field(1.0, gt=0.0)  # max global gradient norm; null turns clipping off
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # cross-entropy label smoothing
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    seed: int = 0  # seeds weights, data order and augmentation
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
+
+
+class Config(_Section):
+    name: str | None = None  # run name; defaults to the config file's stem
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML that `load_config` reads back to an equal Config."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read YAML at `path` (None: all defaults), apply `key.sub=value` overrides, validate.
+
+    Raises ConfigError listing every problem, one line each, naming its key.
+    """
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        raw = _read_yaml(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err), source) from None
+    if cfg.name is None and path is not None:
+        cfg.name = path.stem
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError([f"file not found: {path}"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}".replace("\n", " ")], str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], str(path))
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set raw[a][b] = value for 'a.b=value'; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"override {item!r} must look like key.sub=value"], "--set")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError([f"{key}: cannot set a sub-key, {where} is a value, not a section"], "--set")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError) -> list[str]:
+    """Turn pydantic's errors into one line each: 'section.key: what is wrong (got X)'."""
+    problems = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) or "config"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key{_suggest(loc)}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "value_error" else f" (got {got!r})"
+        problems.append(f"{key}: {msg}{shown}")
+    return problems
+
+
+def _suggest(loc: list[str]) -> str:
+    section: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        section = field.annotation
+    close = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1)
+    known = ", ".join(section.model_fields)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {known})"

@@ -1,0 +1,19 @@
+"""Errors a user can cause. The CLI prints their message and exits with code 2, never a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's config, data, paths or machine, explained in plain words."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """One or more problems in a config; each problem is one line naming its key."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{source}: {len(problems)} {noun}:\n{lines}")

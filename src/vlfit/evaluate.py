@@ -1,0 +1,34 @@
+"""Evaluate a finished run's checkpoint on the validation split the run itself wrote down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from vlfit.checkpoint import load_checkpoint
+from vlfit.config import load_config
+from vlfit.data import eval_transform, load_source, load_split
+from vlfit.data.sources import TransformedImages
+from vlfit.errors import UserError
+from vlfit.train import evaluate, make_accelerator
+
+
+def evaluate_run(run_dir: Path, which: str = "best") -> dict[str, Any]:
+    """Reload `run_dir/checkpoints/<which>` and score it on the run's own validation images."""
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a vlfit run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    accelerator = make_accelerator(cfg.train)
+    model, state = load_checkpoint(run_dir / "checkpoints" / which)
+    images = load_source(cfg.data)
+    if images.classes != state["classes"]:
+        raise UserError(f"{run_dir}: the data's classes differ from the checkpoint's")
+    split = load_split(run_dir / "split.json", images)
+    val_set = TransformedImages(images.subset(split.val), eval_transform(model.backbone.preprocess))
+    loader = DataLoader(val_set, batch_size=cfg.train.eval_batch, num_workers=cfg.data.num_workers)
+    model, loader = accelerator.prepare(model, loader)
+    val_loss, val_acc = evaluate(model, loader, accelerator)
+    return {"checkpoint": which, "epoch": state["epoch"], "val_loss": val_loss, "val_acc": val_acc,
+            "recorded_val_acc": state["val_acc"], "images": len(split.val)}

@@ -1,0 +1,61 @@
+"""What a run measures: accuracy sums kept on the device, peak memory, and the metrics.jsonl file."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class RunningMetrics:
+    """Loss and accuracy sums that stay on the device until `compute()`, so a step never waits on the host."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 0
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """`loss` is the batch mean; weighted by the batch size so the epoch value is a per-image mean."""
+        n = labels.shape[0]
+        self.loss_sum += loss.detach().double() * n
+        self.correct += (logits.detach().argmax(dim=-1) == labels).sum()
+        self.count += n
+
+    def compute(self) -> tuple[float, float]:
+        """(mean loss, accuracy) over everything seen; one host sync."""
+        if self.count == 0:
+            return float("nan"), float("nan")
+        return self.loss_sum.item() / self.count, self.correct.item() / self.count
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """(peak MB, kind): CUDA peak allocated since the last reset on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_peak_rss"
+
+
+class MetricsLog:
+    """Appends one JSON object per line; `read` returns them in order."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny real models saved the way the hub stores them, so `from_pretrained` runs offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig, SiglipImageProcessor, SiglipModel
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
+
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=32, patch_size=8)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory) -> Path:
+    """A full CLIPModel (vision + text towers) with a processor config, as in openai/clip-vit-* repos."""
+    path = tmp_path_factory.mktemp("tiny-clip-hub")
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=16)).save_pretrained(path)
+    # Non-default constants, so a test can tell that they were read from this file.
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                       image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def siglip_dir(tmp_path_factory) -> Path:
+    """A full SiglipModel with its processor config, as in google/siglip-* repos."""
+    path = tmp_path_factory.mktemp("tiny-siglip-hub")
+    torch.manual_seed(0)
+    SiglipModel(SiglipConfig(text_config=TINY_TEXT, vision_config=TINY_VISION)).save_pretrained(path)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
