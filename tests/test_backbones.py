@@ -25,7 +25,7 @@ def test_pooled_output_equals_transformers(name):
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         ours = backbone(x)
-        theirs = backbone.hf(pixel_values=x).pooler_output
+        theirs = backbone.tower(pixel_values=x).pooler_output
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 

@@ -59,6 +59,20 @@ def validate(config: Path, overrides: tuple[str, ...]) -> None:
     click.echo(load_config(config, list(overrides)).to_yaml(), nl=False)
 
 
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@overrides_option
+def zeroshot(config: Path, overrides: tuple[str, ...]) -> None:
+    """Score the zero-shot classifier (class prompts through the text tower) on CONFIG's validation split."""
+    from vlfit.config import load_config
+    from vlfit.zeroshot import zeroshot as run_zeroshot
+
+    setup_logging()
+    r = run_zeroshot(load_config(config, list(overrides)))
+    click.echo(f"zero-shot {r['backbone']}: val_acc {r['val_acc']:.4f}, val_loss {r['val_loss']:.4f} "
+               f"({r['images']} images, {r['classes']} classes)")
+
+
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)

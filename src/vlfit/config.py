@@ -21,11 +21,62 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)  # adapter rank
+    alpha: int = Field(16, ge=1)  # adapter scale numerator (scale = alpha / r)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on the adapter input
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj"]  # encoder attention projections
+
+
+class MaskConfig(_Section):
+    kind: Literal["none", "random", "attentive"] = "none"  # token masking during training (never at eval)
+    keep_ratio: float = Field(0.5, gt=0.0, le=1.0)  # share of patch tokens the online encoder sees
+    teacher: Literal["ema", "frozen"] = "ema"  # attentive: EMA of the online tower, or the initial tower
+    momentum: tuple[float, float] = (0.996, 1.0)  # attentive + ema: momentum from -> to, cosine schedule
+    saliency_layers: Literal["all", "last"] = "all"  # attentive CLIP: CLS attention of all layers or the last
+    block: Literal[1, 2] = 1  # attentive: choose patches singly or as 2x2 blocks (A-CLIP)
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] <= v[1] <= 1.0:
+            raise ValueError(f"must be [start, end] with 0 <= start <= end <= 1, got {list(v)}")
+        return v
+
+
 class ModelConfig(_Section):
     backbone: str = "tiny-clip"  # preset (tiny-clip, tiny-siglip), hub id or local directory
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"  # attention kernel of the transformers model
+    head: Literal["linear", "zeroshot"] = "linear"  # zeroshot: head initialised from class prompts (text tower)
+    templates: list[str] | None = None  # prompt templates with "{}" for the class name; null: built-in set
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout on pooled features before the head
+    finetune: Literal["full", "linear_probe", "lora"] = "full"  # what trains: everything, the head, or adapters
+    lora: LoraConfig = LoraConfig()  # finetune: lora
+    mask: MaskConfig = MaskConfig()  # token masking during training
     trust_remote_code: bool = False  # never run code from the hub unless asked
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any("{}" not in t for t in v)):
+            raise ValueError("must be a non-empty list of strings, each with a {} where the class name goes")
+        return v
+
+
+class LossConfig(_Section):
+    contrastive_weight: float = Field(0.0, ge=0.0)  # weight of the image-to-class-prompt contrastive term
+    train_text: bool = False  # with the contrastive term: also fine-tune the text tower
+
+
+class WiseFtConfig(_Section):
+    alphas: list[float] = []  # after training, evaluate (1-a)*zero-shot + a*fine-tuned for each a in [0, 1]
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_in_unit_interval(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= a <= 1.0 for a in v):
+            raise ValueError(f"every mixing weight must be in [0, 1], got {v}")
+        return v
 
 
 class DataConfig(_Section):
@@ -67,6 +118,7 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     grad_clip: float | None = Field(1.0, gt=0.0)  # max global gradient norm; null turns clipping off
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # cross-entropy label smoothing
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0)  # layer-wise lr decay: layer i of L gets lr * decay**(L+1-i)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     seed: int = 0  # seeds weights, data order and augmentation
@@ -84,6 +136,30 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    wise_ft: WiseFtConfig = WiseFtConfig()
+
+    def conflicts(self) -> list[str]:
+        """Combinations of valid values that cannot work together, one line each."""
+        m = self.model
+        problems = []
+        if m.finetune == "linear_probe" and m.mask.kind != "none":
+            problems.append("model.mask.kind: token masking needs a backbone that trains; a linear probe "
+                            "reads cached features")
+        if m.finetune == "linear_probe" and self.loss.contrastive_weight > 0:
+            problems.append("loss.contrastive_weight: a linear probe trains only the head; the contrastive "
+                            "term needs a backbone that trains")
+        if self.wise_ft.alphas and m.head != "zeroshot":
+            problems.append("wise_ft.alphas: WiSE-FT interpolates from the zero-shot model; set model.head: zeroshot")
+        if self.loss.train_text and self.loss.contrastive_weight == 0:
+            problems.append("loss.train_text: the text tower only trains through the contrastive term; "
+                            "set loss.contrastive_weight > 0")
+        return problems
+
+    @property
+    def needs_text(self) -> bool:
+        """Whether the run uses the text tower (zero-shot head or contrastive loss)."""
+        return self.model.head == "zeroshot" or self.loss.contrastive_weight > 0
 
     def to_yaml(self) -> str:
         """The resolved config as YAML that `load_config` reads back to an equal Config."""
@@ -110,6 +186,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_describe(err), source) from None
+    if conflicts := cfg.conflicts():
+        raise ConfigError(conflicts, source)
     if cfg.name is None and path is not None:
         cfg.name = path.stem
     return cfg

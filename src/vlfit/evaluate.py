@@ -12,6 +12,7 @@ from vlfit.config import load_config
 from vlfit.data import eval_transform, load_source, load_split
 from vlfit.data.sources import TransformedImages
 from vlfit.errors import UserError
+from vlfit.task import FineTuner
 from vlfit.train import evaluate, make_accelerator
 
 
@@ -28,7 +29,7 @@ def evaluate_run(run_dir: Path, which: str = "best") -> dict[str, Any]:
     split = load_split(run_dir / "split.json", images)
     val_set = TransformedImages(images.subset(split.val), eval_transform(model.backbone.preprocess))
     loader = DataLoader(val_set, batch_size=cfg.train.eval_batch, num_workers=cfg.data.num_workers)
-    model, loader = accelerator.prepare(model, loader)
-    val_loss, val_acc = evaluate(model, loader, accelerator)
+    task, loader = accelerator.prepare(FineTuner(model, images.classes), loader)
+    val_loss, val_acc = evaluate(task, loader, accelerator)
     return {"checkpoint": which, "epoch": state["epoch"], "val_loss": val_loss, "val_acc": val_acc,
             "recorded_val_acc": state["val_acc"], "images": len(split.val)}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,40 @@ class RunningMetrics:
         if self.count == 0:
             return float("nan"), float("nan")
         return self.loss_sum.item() / self.count, self.correct.item() / self.count
+
+
+class DeviceTimer:
+    """Accumulates the time spent in timed blocks without making the host wait on a GPU.
+
+    On CUDA, each block records a pair of events and the elapsed times are read once, in `total()`;
+    on the CPU, wall-clock time.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def __call__(self, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - t0
+
+    def total(self) -> float:
+        """Seconds spent in timed blocks since the last reset (synchronises with the GPU once)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+        return self._seconds + sum(s.elapsed_time(e) for s, e in self._events) / 1000
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,10 @@ from vlfit.data import ImageSet, Split, eval_transform, load_source, stratified_
 from vlfit.data.sources import TransformedImages
 from vlfit.errors import UserError
 from vlfit.metrics import MetricsLog, RunningMetrics, peak_memory_mb, reset_peak_memory
-from vlfit.models import ImageClassifier, build_backbone, count_parameters
+from vlfit.models import Preprocess
+from vlfit.probe import feature_loaders
+from vlfit.task import build_classifier, build_task
+from vlfit.wiseft import interpolate, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +57,15 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
     split.save(run_dir / "split.json", images, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
     (run_dir / "classes.txt").write_text("\n".join(images.classes) + "\n")
 
-    backbone = build_backbone(cfg.model.backbone, cfg.model.attn_implementation, cfg.model.trust_remote_code)
-    model = ImageClassifier(backbone, len(images.classes), cfg.model.head_dropout)
-    trainable, total = count_parameters(model)
-    train_loader, val_loader = make_loaders(cfg, images, split, model)
+    classifier, text = build_classifier(cfg, images.classes)
+    zero_shot = snapshot(classifier) if cfg.wise_ft.alphas else None
+    probe = cfg.model.finetune == "linear_probe"
+    if probe:
+        train_loader, val_loader = feature_loaders(cfg, classifier, images, split, accelerator)
+    else:
+        train_loader, val_loader = make_loaders(cfg, images, split, classifier.backbone.preprocess)
+    model = build_task(cfg, classifier, text, images.classes, cached_features=probe)
+    trainable, total = model.parameter_counts()
     optimizer = make_optimizer(model, cfg.train, fused=accelerator.device.type == "cuda")
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accum_steps)
@@ -80,7 +89,7 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
             reset_peak_memory(accelerator.device)
             view.start_epoch(epoch, cfg.train.epochs, len(train_loader))
             train_loss, train_acc, train_time, n_seen = train_one_epoch(
-                model, train_loader, optimizer, scheduler, accelerator, cfg.train, view)
+                model, train_loader, optimizer, scheduler, accelerator, cfg.train, view, total_steps)
             val_loss, val_acc = evaluate(model, val_loader, accelerator)
             peak_mb, mem_kind = peak_memory_mb(accelerator.device)
             record = {
@@ -88,6 +97,7 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
                 "val_loss": val_loss, "val_acc": val_acc, "epoch_time_s": train_time,
                 "train_images_per_s": n_seen / train_time, "peak_mem_mb": peak_mb, "mem_kind": mem_kind,
                 "lr": scheduler.get_last_lr()[0], "step": epoch * steps_per_epoch,
+                **accelerator.unwrap_model(model).epoch_stats(),
             }
             history.append(record)
             metrics.append(record)
@@ -96,11 +106,16 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
 
             state = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss, "classes": images.classes,
                      "config": cfg.model_dump(mode="json")}
-            unwrapped = accelerator.unwrap_model(model)
+            unwrapped = accelerator.unwrap_model(model).classifier
             save_checkpoint(run_dir / "checkpoints" / "last", unwrapped, state)
             if val_acc > best_acc:
                 best_acc = val_acc
                 save_checkpoint(run_dir / "checkpoints" / "best", unwrapped, state)
+
+    # ---- WiSE-FT: the fine-tuned weights mixed back toward the zero-shot model
+    if zero_shot is not None:
+        wise = wise_ft_sweep(model, zero_shot, cfg.wise_ft.alphas, val_loader, accelerator)
+        (run_dir / "wise_ft.json").write_text(json.dumps(wise, indent=1) + "\n")
 
     # ---- summary
     summary = summarize(history, cfg, accelerator, trainable, total)
@@ -111,23 +126,24 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, accelerator: Accelerator, cfg: TrainConfig,
-                    view: EpochView) -> tuple[float, float, float, int]:
+                    view: EpochView, total_steps: int) -> tuple[float, float, float, int]:
     """One pass over `loader`; returns (mean loss, accuracy, seconds, images seen)."""
     model.train()
+    task = accelerator.unwrap_model(model)
     running = RunningMetrics(accelerator.device)
     start = time.perf_counter()
     for pixels, labels in loader:
         with accelerator.accumulate(model):
-            logits = model(pixels)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            accelerator.backward(loss)
+            out = model(pixels, labels)
+            accelerator.backward(out["loss"])
             if accelerator.sync_gradients and cfg.grad_clip is not None:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
+                task.after_optimizer_step(scheduler.last_epoch / total_steps)
             optimizer.zero_grad(set_to_none=True)
-        running.update(loss, logits, labels)
+        running.update(out["loss"], out["logits"], labels)
         view.advance()
     loss, acc = running.compute()  # the epoch's only host sync: all queued GPU work is done after it
     return loss, acc, time.perf_counter() - start, running.count
@@ -139,7 +155,7 @@ def evaluate(model, loader, accelerator: Accelerator) -> tuple[float, float]:
     model.eval()
     running = RunningMetrics(accelerator.device)
     for pixels, labels in loader:
-        logits = model(pixels)
+        logits = model(pixels, labels)["logits"]
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         running.update(F.cross_entropy(logits.float(), labels), logits, labels)
     return running.compute()
@@ -168,9 +184,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
-def make_loaders(cfg: Config, images: ImageSet, split: Split, model: ImageClassifier) -> tuple[DataLoader, DataLoader]:
+def make_loaders(cfg: Config, images: ImageSet, split: Split, pre: Preprocess) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders over the split, with the backbone's own preprocessing."""
-    pre = model.backbone.preprocess
     if len(split.train) < cfg.train.micro_batch:
         raise UserError(f"train.micro_batch: {cfg.train.micro_batch} is larger than the training split "
                         f"({len(split.train)} images)")
@@ -184,16 +199,48 @@ def make_loaders(cfg: Config, images: ImageSet, split: Split, model: ImageClassi
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only: biases, norm weights, CLS and probe tokens and
-    position embeddings are not pulled toward zero."""
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters, grouped by (layer, decay).
+
+    Weight decay applies to weight matrices only: biases, norm weights, CLS and probe tokens and
+    position embeddings are not pulled toward zero. With `layer_decay` < 1, encoder layer i of L
+    gets lr * layer_decay**(L + 1 - i): the embeddings move least, the head at the full rate.
+    """
+    num_layers = len(model.classifier.backbone.encoder_layers)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or "position_embedding" in name or name.endswith(("class_embedding", "probe"))
-        (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+        no_decay = p.ndim <= 1 or "position_embedding" in name or name.endswith(("class_embedding", "probe"))
+        layer = layer_id(name, num_layers)
+        group = groups.setdefault((layer, no_decay), {
+            "params": [], "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+            "lr": cfg.lr * cfg.layer_decay ** (num_layers + 1 - layer)})
+        group["params"].append(p)
+    return torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 for the vision embeddings, i + 1 for encoder layer i, num_layers + 1 for everything after."""
+    if ".tower.embeddings." in name or ".tower.pre_layrnorm." in name:
+        return 0
+    match = re.search(r"\.tower\.encoder\.layers\.(\d+)\.", name)
+    return int(match.group(1)) + 1 if match else num_layers + 1
+
+
+@torch.inference_mode()
+def wise_ft_sweep(model, zero_shot: dict[str, torch.Tensor], alphas: list[float], val_loader,
+                  accelerator: Accelerator) -> list[dict[str, float]]:
+    """Validation loss and accuracy of (1 - a) * zero-shot + a * fine-tuned, for each a; weights restored after."""
+    classifier = accelerator.unwrap_model(model).classifier
+    fine_tuned = snapshot(classifier)
+    results = []
+    for alpha in alphas:
+        classifier.load_state_dict(interpolate(zero_shot, fine_tuned, alpha))
+        val_loss, val_acc = evaluate(model, val_loader, accelerator)
+        results.append({"alpha": alpha, "val_loss": val_loss, "val_acc": val_acc})
+        log.info("WiSE-FT alpha %.2f: val_acc %.4f", alpha, val_acc)
+    classifier.load_state_dict(fine_tuned)
+    return results
 
 
 def summarize(history: list[dict[str, Any]], cfg: Config, accelerator: Accelerator,
