@@ -85,6 +85,31 @@ def eval_(run_dir: Path, checkpoint: str) -> None:
                f"(recorded {r['recorded_val_acc']:.4f}), val_loss {r['val_loss']:.4f}, {r['images']} images")
 
 
+@cli.group()
+def data() -> None:
+    """Look at a dataset before training on it."""
+
+
+@data.command("inspect")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@overrides_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the data records and samples.png (default: runs/NAME-data).")
+@click.option("--per-class", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Sample images per class in samples.png.")
+def inspect(config: Path, overrides: tuple[str, ...], out: Path | None, per_class: int) -> None:
+    """Check CONFIG's data as training would: classes, counts, duplicates, bad files, sizes, sample grid.
+
+    Exits 2 after the report when a training run would refuse the data."""
+    from vlfit.config import load_config
+    from vlfit.data.inspect import inspect_data
+    from vlfit.data.prepare import refuse
+
+    cfg = load_config(config, list(overrides))
+    setup_logging()
+    refuse(inspect_data(cfg.data, out or Path("runs") / f"{cfg.name}-data", per_class))
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Create an empty run directory. Never deletes anything that is not a vlfit run, and a run only
     with --overwrite."""

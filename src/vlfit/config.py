@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlfit.errors import ConfigError
 
@@ -79,17 +79,39 @@ class WiseFtConfig(_Section):
         return v
 
 
+HAR_HUB_ID = "Bingsu/Human_Action_Recognition"
+# Pillow's own decompression-bomb thresholds: it warns above the first and refuses above the second.
+PIL_MAX_PIXELS, PIL_HARD_MAX_PIXELS = 89_478_485, 178_956_970
+
+
 class DataConfig(_Section):
-    source: Literal["synthetic-har"] = "synthetic-har"  # where images come from
+    # where images come from: synthetic-har, hub, parquet, disk (save_to_disk), kaggle, imagefolder, csv
+    source: Literal["synthetic-har", "hub", "parquet", "disk", "kaggle", "imagefolder", "csv"] = "synthetic-har"
+    path: str | None = None  # hub id (default: HAR), parquet file/glob/folder, or the folder/CSV of the layout
+    revision: str | None = None  # hub: branch, tag or commit
+    train_split: str = "train"  # split to train on, and to hold validation out of unless val_split is set
+    val_split: str | None = None  # labelled split to validate on instead of a hold-out; refused if labels unusable
+    image_column: str | None = None  # hub/parquet/disk: image column (null: the one Image column)
+    label_column: str | None = None  # hub/parquet/disk: label column (null: the ClassLabel column, else label(s))
+    classes: list[str] | None = None  # class names in label order (null: ClassLabel names, else sorted label names)
     num_images: int = Field(2000, ge=30)  # synthetic-har: how many images to generate
     image_size: int = Field(96, ge=16, le=1024)  # synthetic-har: side of the generated images
     seed: int = 0  # synthetic-har: generator seed
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # stratified share held out for validation
     split_seed: int = 42  # seed of the stratified split
+    split_file: str | None = None  # a split.json (image ids or names) to use instead of making one
+    exact_duplicates: Literal["group", "drop"] = "group"  # identical images: all on one side of the split, or one kept
+    # near duplicates (pHash and dHash both within this many of their 64 bits) stay on one side; null: off
+    near_duplicate_distance: int | None = Field(5, ge=0, le=32)
+    strict: bool = False  # any unusable image or row stops the run instead of being skipped
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)  # stop when a larger share of the images is unusable
+    min_image_size: int = Field(16, ge=1)  # images with a shorter side are skipped
+    # larger images are skipped before decoding (decompression bombs); Pillow refuses above its hard limit anyway
+    max_image_pixels: int = Field(PIL_MAX_PIXELS, ge=1, le=PIL_HARD_MAX_PIXELS)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
     hflip: float = Field(0.5, ge=0.0, le=1.0)  # horizontal-flip probability
-    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+    num_workers: int = Field(0, ge=0)  # worker processes that decode images: the load-time check and the DataLoader
 
     @field_validator("crop_scale", "crop_ratio")
     @classmethod
@@ -104,6 +126,32 @@ class DataConfig(_Section):
         if v[1] > 1:
             raise ValueError(f"a crop cannot cover more than the whole image: high must be <= 1, got {v[1]}")
         return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
+            raise ValueError("must name at least two classes, each once")
+        return v
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> DataConfig:
+        if self.source == "synthetic-har":
+            for key in ("path", "val_split", "split_file"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"data.{key}: not used by source synthetic-har")
+        elif self.source != "hub" and self.path is None:
+            raise ValueError(f"data.path: source {self.source} needs a path")
+        if self.val_split is not None and self.val_split == self.train_split:
+            raise ValueError("data.val_split: must differ from data.train_split")
+        if self.val_split is not None and self.split_file is not None:
+            raise ValueError("data.split_file: cannot be combined with data.val_split")
+        return self
+
+    @property
+    def location(self) -> str:
+        """What `path` means once defaults apply: the hub source defaults to the HAR dataset."""
+        return self.path or (HAR_HUB_ID if self.source == "hub" else self.source)
 
 
 class TrainConfig(_Section):
@@ -238,6 +286,9 @@ def _describe(err: ValidationError) -> list[str]:
             problems.append(f"{key}: unknown key{_suggest(loc)}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "value_error" and msg.startswith(key + "."):  # a cross-key check that names its own key
+            problems.append(msg)
+            continue
         got = e.get("input")
         shown = "" if isinstance(got, dict) or e["type"] == "value_error" else f" (got {got!r})"
         problems.append(f"{key}: {msg}{shown}")

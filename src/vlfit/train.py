@@ -28,7 +28,7 @@ from vlfit import __version__
 from vlfit.checkpoint import save_checkpoint
 from vlfit.config import Config, TrainConfig
 from vlfit.console import EpochView, log_to_file
-from vlfit.data import ImageSet, Split, eval_transform, load_source, stratified_split, train_transform
+from vlfit.data import ImageSet, Split, eval_transform, prepare_data, train_transform
 from vlfit.data.sources import TransformedImages
 from vlfit.errors import UserError
 from vlfit.metrics import MetricsLog, RunningMetrics, peak_memory_mb, reset_peak_memory
@@ -52,10 +52,7 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    images = load_source(cfg.data)
-    split = stratified_split(images.labels, cfg.data.val_fraction, cfg.data.split_seed)
-    split.save(run_dir / "split.json", images, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
-    (run_dir / "classes.txt").write_text("\n".join(images.classes) + "\n")
+    images, split = prepare_data(cfg.data, run_dir)  # checks every image; writes split.json, classes.txt, reports
 
     classifier, text = build_classifier(cfg, images.classes)
     zero_shot = snapshot(classifier) if cfg.wise_ft.alphas else None
