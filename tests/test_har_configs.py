@@ -44,5 +44,5 @@ def test_har_configs_stop_cleanly_when_the_hub_is_unreachable(path, tmp_path, mo
     assert code == 2 and "cannot load hub dataset 'Bingsu/Human_Action_Recognition'" in err
     assert "Traceback" not in err
     code, err = run_cli(monkeypatch, capsys, "train", path, "--set", "train.precision=fp32",
-                        "--set", "data.source=synthetic-har", "--set", "data.path=null", "--set", "data.num_images=30", "--run-dir", tmp_path / "run2")
+                        "--set", "data.source=synthetic-har", "--set", "data.path=null", "--set", "data.num_images=75", "--run-dir", tmp_path / "run2")
     assert code == 2 and f"model.backbone: cannot load '{load_config(path).model.backbone}'" in err
