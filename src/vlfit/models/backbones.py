@@ -179,10 +179,18 @@ def _load_pretrained(name: str, attn_implementation: str, trust_remote_code: boo
             "directory, or use a preset (tiny-clip, tiny-siglip)."
         ) from None
     cls = _family_for(model_type)
-    hf_model, info = cls.hf_class.from_pretrained(
-        name, attn_implementation=attn_implementation, torch_dtype=torch.float32,
-        output_loading_info=True, trust_remote_code=trust_remote_code,
-    )
+    try:
+        # safetensors only: pickle-based weights (pytorch_model.bin) can run code when loaded.
+        hf_model, info = cls.hf_class.from_pretrained(
+            name, attn_implementation=attn_implementation, torch_dtype=torch.float32,
+            output_loading_info=True, trust_remote_code=trust_remote_code, use_safetensors=True,
+        )
+    except OSError as err:
+        raise UserError(
+            f"model.backbone: cannot load weights of '{name}': {_first_line(err)}\n"
+            "  vlfit loads weights only from model.safetensors; pickle files (pytorch_model.bin) can run "
+            "code and are refused. Convert them with a tool you trust, or use a revision that has safetensors."
+        ) from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise UserError(f"model.backbone: '{name}' lacks {len(missing)} vision weights, e.g. {missing[:3]}")
