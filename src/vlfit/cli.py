@@ -27,23 +27,36 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @overrides_option
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the run (default: runs/NAME-TIMESTAMP).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
-def train(config: Path, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool) -> None:
-    """Train and evaluate every epoch, as CONFIG (YAML) says."""
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), metavar="RUN_DIR",
+              help="Continue the run in RUN_DIR from its newest good checkpoint (CONFIG is then optional).")
+def train(config: Path | None, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool,
+          resume_dir: Path | None) -> None:
+    """Train and evaluate every epoch, as CONFIG (YAML) says, or continue a run with --resume."""
     from vlfit.config import load_config
 
-    cfg = load_config(config, list(overrides))
-    run_dir = run_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    prepare_run_dir(run_dir, overwrite)
+    if resume_dir is not None:
+        if overwrite or (run_dir is not None and run_dir != resume_dir):
+            raise UserError("--resume RUN_DIR continues that run in place; it cannot be combined with "
+                            "--overwrite or another --run-dir")
+        if not (resume_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {resume_dir} is not a vlfit run directory (no config.yaml)")
+        run_dir = resume_dir
+    elif config is None:
+        raise UserError("missing CONFIG: give a config file, or --resume RUN_DIR to continue a run")
+    cfg = load_config(config if config is not None else run_dir / "config.yaml", list(overrides))
+    if resume_dir is None:
+        run_dir = run_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        prepare_run_dir(run_dir, overwrite)
     setup_logging()
 
     from vlfit.train import train as run_training
 
-    summary = run_training(cfg, run_dir)
+    summary = run_training(cfg, run_dir, resume=resume_dir is not None)
     click.echo(f"best val_acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), "
                f"mean epoch {summary['mean_epoch_time_s']:.1f} s, peak memory {summary['peak_mem_mb']:.0f} MB "
                f"({summary['mem_kind']}); run in {run_dir}")
@@ -81,8 +94,10 @@ def eval_(run_dir: Path, checkpoint: str) -> None:
     from vlfit.evaluate import evaluate_run
 
     r = evaluate_run(run_dir, checkpoint)
+    # A checkpoint taken part way through an epoch has no recorded validation score.
+    recorded = "n/a" if r["recorded_val_acc"] is None else f"{r['recorded_val_acc']:.4f}"
     click.echo(f"{checkpoint} checkpoint (epoch {r['epoch']}): val_acc {r['val_acc']:.4f} "
-               f"(recorded {r['recorded_val_acc']:.4f}), val_loss {r['val_loss']:.4f}, {r['images']} images")
+               f"(recorded {recorded}), val_loss {r['val_loss']:.4f}, {r['images']} images")
 
 
 @cli.group()
@@ -147,7 +162,7 @@ def main() -> None:
         err.show()
         sys.exit(err.exit_code)
     except UserError as err:
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"{err.prefix}: {err}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

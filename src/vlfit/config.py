@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from vlfit.errors import ConfigError
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo must not silently fall back to a default. NaN and infinity are
+    # never a meaningful setting (lr: .inf would pass `gt=0`).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraConfig(_Section):
@@ -156,8 +157,9 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)  # passes over the training split
-    micro_batch: int = Field(64, ge=1)  # images per forward/backward
+    micro_batch: int | Literal["auto"] = 64  # images per forward/backward; auto: the largest that fits the GPU
     accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step: effective batch = micro_batch x accum_steps
+    effective_batch: int | None = Field(None, ge=1, validate_default=True)  # images per step; needed by auto
     eval_batch: int = Field(256, ge=1)  # images per evaluation forward (no gradients, so larger)
     lr: float = Field(1e-3, gt=0.0)  # peak learning rate after warmup
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # cosine floor as a fraction of lr
@@ -170,6 +172,41 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     seed: int = 0  # seeds weights, data order and augmentation
+    checkpoint_every: int | None = Field(None, ge=1)  # also checkpoint every N optimizer steps (null: epoch ends only)
+    nonfinite_patience: int = Field(10, ge=1)  # fp16: consecutive non-finite-loss steps tolerated before stopping
+
+    @field_validator("micro_batch", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, v: Any) -> Any:
+        # One message instead of pydantic's one-per-union-member.
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be a positive integer or 'auto' (got {v!r})")
+
+    @field_validator("effective_batch")
+    @classmethod
+    def _batch_sizes_agree(cls, v: int | None, info: ValidationInfo) -> int | None:
+        micro, accum = info.data.get("micro_batch"), info.data.get("accum_steps")
+        if micro is None or accum is None:  # already reported as invalid
+            return v
+        if micro == "auto":
+            if v is None:
+                raise ValueError("micro_batch: auto needs effective_batch, the images per optimizer step to keep")
+            if accum != 1:
+                raise ValueError(f"with micro_batch: auto, accum_steps is derived from effective_batch; "
+                                 f"remove accum_steps (got {accum})")
+        elif v is not None and v != micro * accum:
+            raise ValueError(f"must equal micro_batch x accum_steps = {micro} x {accum} = {micro * accum} (got {v})")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_fits_precision(cls, v: str, info: ValidationInfo) -> str:
+        if v == "cpu" and info.data.get("precision") == "fp16":
+            raise ValueError("fp16 (with its gradient scaler) needs a CUDA device; on the CPU use fp32 or bf16")
+        return v
 
     @field_validator("betas")
     @classmethod
@@ -212,6 +249,28 @@ class Config(_Section):
     def to_yaml(self) -> str:
         """The resolved config as YAML that `load_config` reads back to an equal Config."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Settings a resumed run may change: they alter how it runs, not what it computes (augmentation is
+# seeded per image, so the number of loader workers does not change a single pixel).
+RESUME_MAY_CHANGE = frozenset({"name", "data.num_workers"})
+
+
+def resume_differences(saved: Config, new: Config) -> list[str]:
+    """One line 'key: saved -> new' per setting that differs and would change a resumed run's results."""
+    old, now = _flat(saved.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    return [f"{k}: {old.get(k)!r} in the run, {now.get(k)!r} now" for k in sorted(old.keys() | now.keys())
+            if old.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------- loading

@@ -35,6 +35,14 @@ class RunningMetrics:
             return float("nan"), float("nan")
         return self.loss_sum.item() / self.count, self.correct.item() / self.count
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum.copy_(state["loss_sum"])
+        self.correct.copy_(state["correct"])
+        self.count = state["count"]
+
 
 class DeviceTimer:
     """Accumulates the time spent in timed blocks without making the host wait on a GPU.
@@ -92,6 +100,12 @@ class MetricsLog:
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace the file by `records`: a resumed run drops lines written after its checkpoint."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(self.path)
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
