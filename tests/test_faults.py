@@ -250,16 +250,16 @@ def test_micro_batch_auto_keeps_the_effective_batch():
     ("evaluation", ["train.eval_batch 64", "train.eval_batch to 32"]),
 ])
 def test_out_of_memory_names_the_batch_and_what_to_change(phase, expected, overrides, tmp_path, monkeypatch, run_vlfit):
-    from vlfit.models import ImageClassifier
+    from vlfit.models import Backbone
 
-    real = ImageClassifier.forward
+    real = Backbone.forward
 
-    def forward(self, pixels):
+    def forward(self, pixels, keep=None):
         if torch.is_grad_enabled() == (phase == "training"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(self, pixels)
+        return real(self, pixels, keep)
 
-    monkeypatch.setattr(ImageClassifier, "forward", forward)
+    monkeypatch.setattr(Backbone, "forward", forward)
     code, stderr = run_vlfit("train", DEMO, *as_set_args(overrides), "--run-dir", tmp_path / "run")
     assert code == 2 and "Traceback" not in stderr and "out of GPU memory" in stderr
     assert all(e in stderr for e in expected), stderr
@@ -271,7 +271,7 @@ def test_out_of_memory_names_the_batch_and_what_to_change(phase, expected, overr
 def test_resume_refuses_what_it_cannot_do(overrides, tmp_path, monkeypatch, signalled, run_vlfit):
     import vlfit.train
 
-    monkeypatch.setattr(vlfit.train, "load_source", lambda *a: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr(vlfit.train, "prepare_data", lambda *a: pytest.fail("data loaded before the check"))
     run_dir = signalled["int-twice"][0]
     before = sorted(p.name for p in run_dir.rglob("*"))
     code, stderr = run_vlfit("train", DEMO, *as_set_args(overrides), "--set", "train.lr=0.5", "--resume", run_dir)
