@@ -30,7 +30,8 @@ from vlfit.console import EpochView, log_to_file
 from vlfit.data import ImageSet, Split, eval_transform, load_source, stratified_split, train_transform
 from vlfit.data.sources import TransformedImages
 from vlfit.errors import UserError
-from vlfit.metrics import MetricsLog, RunningMetrics, peak_memory_mb, reset_peak_memory
+from vlfit.evaluate import EVAL_FILE, evaluate_checkpoint, save_eval
+from vlfit.metrics import MetricsLog, RunningMetrics, TensorBoardLog, peak_memory_mb, reset_peak_memory
 from vlfit.models import ImageClassifier, build_backbone, count_parameters
 
 log = logging.getLogger(__name__)
@@ -75,12 +76,12 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     history: list[dict[str, Any]] = []
     best_acc = -1.0
-    with EpochView(enabled=show) as view:
+    with EpochView(enabled=show) as view, TensorBoardLog(run_dir, accelerator.is_main_process) as tb:
         for epoch in range(1, cfg.train.epochs + 1):
             reset_peak_memory(accelerator.device)
             view.start_epoch(epoch, cfg.train.epochs, len(train_loader))
             train_loss, train_acc, train_time, n_seen = train_one_epoch(
-                model, train_loader, optimizer, scheduler, accelerator, cfg.train, view)
+                model, train_loader, optimizer, scheduler, accelerator, cfg.train, view, tb)
             val_loss, val_acc = evaluate(model, val_loader, accelerator)
             peak_mb, mem_kind = peak_memory_mb(accelerator.device)
             record = {
@@ -91,6 +92,7 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
             }
             history.append(record)
             metrics.append(record)
+            tb.log_epoch(record)
             view.add_row(record)
             log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
 
@@ -104,6 +106,9 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
 
     # ---- summary
     summary = summarize(history, cfg, accelerator, trainable, total)
+    # Per-class numbers and the confusion matrix of the best checkpoint, for reports; before
+    # summary.json, whose presence says the run finished.
+    save_eval(run_dir / EVAL_FILE, evaluate_checkpoint(run_dir / "checkpoints" / "best", val_loader, accelerator))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log.info("best val_acc %.4f at epoch %d; summary in %s", summary["best_val_acc"], summary["best_epoch"],
              run_dir / "summary.json")
@@ -111,7 +116,7 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, accelerator: Accelerator, cfg: TrainConfig,
-                    view: EpochView) -> tuple[float, float, float, int]:
+                    view: EpochView, tb: TensorBoardLog) -> tuple[float, float, float, int]:
     """One pass over `loader`; returns (mean loss, accuracy, seconds, images seen)."""
     model.train()
     running = RunningMetrics(accelerator.device)
@@ -128,6 +133,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator: Accelerato
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         running.update(loss, logits, labels)
+        tb.log_step(loss, scheduler.get_last_lr()[0], accelerator.sync_gradients)
         view.advance()
     loss, acc = running.compute()  # the epoch's only host sync: all queued GPU work is done after it
     return loss, acc, time.perf_counter() - start, running.count
