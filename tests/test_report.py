@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from PIL import Image
 
@@ -294,7 +295,10 @@ def test_classification_metrics_by_hand():
 def fake_run(path: Path, name: str, acc: list[float], masked: bool, rng: np.random.Generator) -> Path:
     """A run directory written by hand, as a masked run (kept_token_fraction, saliency_time_s) would write it."""
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(load_config(None, ["name=" + name]).to_yaml())
+    config = yaml.safe_load(load_config(None, ["name=" + name]).to_yaml())
+    if masked:  # as the masking methods' configs name them
+        config["model"] |= {"finetune": "lora", "mask": {"kind": "attentive", "keep_ratio": 0.5}}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
     classes = ["a", "b", "c"]
     for i, a in enumerate(acc, 1):
         record = {"epoch": i, "train_loss": 1.0 / i, "train_acc": a + 0.1, "val_loss": 1.2 / i, "val_acc": a,
@@ -325,7 +329,8 @@ def test_masking_columns_and_figures_appear_only_for_masked_runs(tmp_path):
     assert (tmp_path / "report" / "masking.png").is_file() and (tmp_path / "report" / "mask-masked.png").is_file()
     rows = json.loads((tmp_path / "report" / "summary.json").read_text())["runs"]
     assert rows[1]["kept_token_fraction"] == 0.5 and rows[1]["saliency_time_s"] == pytest.approx(1.8)
-    assert "kept_token_fraction" not in rows[0] and "token masking" in rows[1]["method"]
+    assert "kept_token_fraction" not in rows[0] and rows[0]["method"] == "full fine-tune"
+    assert rows[1]["method"] == "LoRA, attentive masking, keep 0.5"
 
     build_report([plain], tmp_path / "plain-report")
     assert "kept tokens" not in (tmp_path / "plain-report" / "report.md").read_text()
@@ -378,6 +383,7 @@ def test_demo_compares_every_demo_config(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr("vlfit.compare.compare", lambda configs, overrides, out, say: calls.append(
         (configs, overrides, out)) or out / "report" / "report.html")
+    monkeypatch.setattr("vlfit.cli.print_summary", lambda report: None)
     monkeypatch.chdir(ROOT)
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path), "--set", "train.epochs=1"])
     assert result.exit_code == 0, result.output

@@ -93,8 +93,7 @@ def compare(configs: tuple[Path, ...], overrides: tuple[str, ...], out: Path) ->
     from vlfit.compare import compare as run_compare
 
     setup_logging()
-    report = run_compare(list(configs), list(overrides), out, say=click.echo)
-    click.echo(f"report: {report}")
+    print_summary(run_compare(list(configs), list(overrides), out, say=click.echo))
 
 
 @cli.command()
@@ -109,8 +108,7 @@ def demo(overrides: tuple[str, ...], out: Path) -> None:
     setup_logging()
     configs = demo_configs()
     click.echo("demo: " + ", ".join(str(c) for c in configs))
-    report = run_compare(configs, list(overrides), out, say=click.echo)
-    click.echo(f"report: {report}")
+    print_summary(run_compare(configs, list(overrides), out, say=click.echo))
 
 
 @cli.command()
@@ -150,6 +148,24 @@ def predict(run_dir: Path, images: tuple[Path, ...], top_k: int, csv_path: Path 
         return
     for p in predictions:
         click.echo(f"{p.path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
+
+
+def print_summary(report: Path) -> None:
+    """The report's headline numbers as a table on the console, then where the report is."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = json.loads((report.parent / "summary.json").read_text())["runs"]
+    table = Table("model", title="comparison (speed and memory relative to the first)", title_justify="left")
+    for title in ("best val acc", "epoch", "images/s", "speed", "peak mem (MB)", "memory"):
+        table.add_column(title, justify="right")
+    for r in rows:
+        table.add_row(r["model"], f"{r['best_val_acc']:.3f}", str(r["best_epoch"]), f"{r['train_images_per_s']:.1f}",
+                      f"{r['speed_vs_first']:.2f}x", f"{r['peak_mem_mb']:.0f}", f"{r['memory_vs_first']:.2f}x")
+    Console().print(table)
+    click.echo(f"report: {report}")
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:

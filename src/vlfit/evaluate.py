@@ -35,8 +35,8 @@ def evaluate_run(run_dir: Path, which: str = "best", data: list[str] = ()) -> di
     """
     from vlfit.train import make_accelerator  # not at the top: train imports this module
 
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a vlfit run directory (no config.yaml)")
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "split.json").is_file():
+        raise UserError(f"{run_dir} is not a vlfit run directory (no config.yaml and split.json)")
     cfg = load_config(run_dir / "config.yaml", [f"data.{d.removeprefix('data.')}" for d in data])
     accelerator = make_accelerator(cfg.train)
     images = load_source(cfg.data)

@@ -18,12 +18,12 @@ from vlfit.report.document import Block, Bullets, Heading, Image, Table, Text, t
 from vlfit.report.runs import Run, load_run
 from vlfit.report.tables import (
     Column,
-    best_index,
     epoch_table,
     format_cell,
     summary_columns,
     summary_rows,
     to_csv,
+    winners,
 )
 
 SUMMARY = "summary.json"
@@ -158,9 +158,8 @@ def _blocks(runs: list[Run], labels: list[str], rows: list[dict[str, Any]], fold
 
 
 def _summary_table(rows: list[dict[str, Any]], columns: list[Column], caption: str) -> Table:
-    wins = {(best_index(rows, col), c) for c, col in enumerate(columns)}
     return Table([c.title for c in columns], [[format_cell(c, r.get(c.key)) for c in columns] for r in rows],
-                 bold={w for w in wins if w[0] is not None}, caption=caption)
+                 bold={(r, c) for c, col in enumerate(columns) for r in winners(rows, col)}, caption=caption)
 
 
 def _per_class_table(scored: list[tuple[Run, str]]) -> Table:
@@ -197,10 +196,14 @@ def _findings(rows: list[dict[str, Any]]) -> list[str]:
     first = rows[0]["model"]
     ranked = sorted(rows, key=lambda r: -r["best_val_acc"])
     top = ranked[0]
-    items = [f"Highest validation accuracy: **{top['model']}**, {top['best_val_acc']:.3f} at epoch {top['best_epoch']}"
-             + (" (" + ", ".join(f"{r['model']} {r['best_val_acc']:.3f}" for r in ranked[1:]) + ")." if len(rows) > 1 else ".")]
+    tied = [r["model"] for r in ranked if r["best_val_acc"] == top["best_val_acc"]]
+    if len(tied) > 1:
+        items = [f"Highest validation accuracy: {', '.join(f'**{m}**' for m in tied)} tie at {top['best_val_acc']:.3f}."]
+    else:
+        items = [f"Highest validation accuracy: **{top['model']}**, {top['best_val_acc']:.3f} at epoch {top['best_epoch']}"
+                 + (" (" + ", ".join(f"{r['model']} {r['best_val_acc']:.3f}" for r in ranked[1:]) + ")." if len(rows) > 1 else ".")]
     n = top.get("val_images")
-    if len(rows) > 1 and n:
+    if len(rows) > 1 and n and len(tied) == 1:
         gap = top["best_val_acc"] - ranked[1]["best_val_acc"]
         se = math.sqrt(sum(r["best_val_acc"] * (1 - r["best_val_acc"]) / n for r in ranked[:2]))
         verdict = "larger than" if gap > 2 * se else "within"
@@ -257,7 +260,8 @@ def _setup_table(runs: list[Run], labels: list[str]) -> Table:
     for run, label in zip(runs, labels):
         s, train = run.summary, run.config.get("train", {})
         rows.append([label, str(run.path.name), str(s.get("backbone")), str(len(run.epochs)),
-                     str(s.get("effective_batch", "–")), str(train.get("lr", "–")), str(s.get("precision", "–")),
+                     str(s.get("effective_batch", "–")), str(train.get("lr", "–")),
+                     {"no": "fp32"}.get(s.get("precision"), str(s.get("precision", "–"))),
                      str(s.get("device", "–")), str(s.get("versions", {}).get("torch", "–"))])
     return Table(["model", "run folder", "backbone", "epochs", "batch", "lr", "precision", "device", "torch"], rows,
                  caption="Runs")

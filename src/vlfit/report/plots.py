@@ -117,13 +117,13 @@ def accuracy_vs_time(rows: list[dict[str, Any]]) -> Figure:
         tops.append(p + (err or 0))
         ax.errorbar([r["total_train_time_s"]], [p], yerr=None if err is None else [err], fmt="o", ms=9,
                     color=color(i), capsize=4, label=r["model"])
-        ax.annotate(r["model"], (r["total_train_time_s"], p), textcoords="offset points", xytext=(8, 6))
     ax.set_xlim(0, max(r["total_train_time_s"] for r in rows) * 1.25)
     ax.set_ylim(0, min(1.0, max(tops) * 1.1 + 0.02))
     ax.set_xlabel("total training time (s)")
     ax.set_ylabel("best validation accuracy")
     ax.set_title("Accuracy against training time (up and left is better)")
     ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")  # a legend, not labels by the points: close points would overprint them
     return fig
 
 
@@ -188,20 +188,22 @@ def masking_bars(rows: list[dict[str, Any]]) -> Figure:
     x = np.arange(len(masked))
     ax = fig.add_subplot(1, 2, 1)
     kept = [r["kept_token_fraction"] if r["kept_token_fraction"] is not None else np.nan for _, r in masked]
-    bars = ax.bar(x, kept, color=[color(i) for i, _ in masked])
+    bars = ax.bar(x, kept, width=0.5, color=[color(i) for i, _ in masked])
     ax.bar_label(bars, labels=["–" if np.isnan(v) else f"{v:.2f}" for v in kept], fontsize=8, padding=2)
     ax.set_xticks(x, names, fontsize=8)
+    ax.set_xlim(-0.75, len(masked) - 0.25)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("mean share of tokens kept")
     ax.set_title("Kept tokens")
     ax = fig.add_subplot(1, 2, 2)
     total = [r["total_train_time_s"] for _, r in masked]
     sal = [r["saliency_time_s"] if r.get("saliency_time_s") is not None else 0.0 for _, r in masked]
-    ax.bar(x, total, color="#dddddd", label="total training")
-    bars = ax.bar(x, sal, color=[color(i) for i, _ in masked], label="saliency")
+    ax.bar(x, total, width=0.5, color="#dddddd", label="total training")
+    bars = ax.bar(x, sal, width=0.5, color=[color(i) for i, _ in masked], label="saliency")
     ax.bar_label(bars, labels=[f"{s:.1f} s ({s / t:.0%})" if t else f"{s:.1f} s" for s, t in zip(sal, total)],
                  fontsize=8, padding=2)
     ax.set_xticks(x, names, fontsize=8)
+    ax.set_xlim(-0.75, len(masked) - 0.25)
     ax.set_ylabel("seconds")
     ax.set_title("Time spent on saliency")
     ax.legend(fontsize=8)

@@ -96,12 +96,32 @@ def summary_rows(runs: list[Run], labels: list[str]) -> list[dict[str, Any]]:
 
 
 def method_of(run: Run) -> str:
-    """What was trained, in words: the run's own `method` when its summary names one."""
+    """What was trained, in words, from the run's resolved config (keys a run lacks are skipped)."""
     if run.summary.get("method"):
         return str(run.summary["method"])
+    model = run.config.get("model") or {}
+    finetune = model.get("finetune")
     trainable, total = run.summary.get("trainable_params"), run.summary.get("total_params")
-    base = "full fine-tune" if not trainable or trainable == total else f"partial fine-tune ({trainable / total:.0%} trainable)"
-    return f"{base}, token masking" if run.masked else base
+    if finetune in FINETUNE_WORDS:
+        parts = [FINETUNE_WORDS[finetune]]
+    elif trainable and total and trainable < total:
+        parts = [f"partial fine-tune ({trainable / total:.0%} trainable)"]
+    else:
+        parts = ["full fine-tune"]
+    mask = model.get("mask") or {}
+    if mask.get("kind") not in (None, "none"):
+        parts.append(f"{mask['kind']} masking, keep {mask.get('keep_ratio')}")
+    elif run.masked:
+        parts.append("token masking")
+    if model.get("head") == "zeroshot":
+        parts.append("zero-shot head init")
+    weight = (run.config.get("loss") or {}).get("contrastive_weight") or 0
+    if weight > 0:
+        parts.append(f"contrastive loss x{weight}")
+    return ", ".join(parts)
+
+
+FINETUNE_WORDS = {"full": "full fine-tune", "linear_probe": "linear probe", "lora": "LoRA"}
 
 
 def epoch_columns(run: Run) -> list[tuple[str, str, str]]:
@@ -129,13 +149,13 @@ def format_cell(column: Column, value: Any) -> str:
     return column.fmt.format(value)
 
 
-def best_index(rows: list[dict[str, Any]], column: Column) -> int | None:
-    """The row that wins `column` (only when more than one run has a value), else None."""
-    values = [(r.get(column.key), i) for i, r in enumerate(rows) if r.get(column.key) is not None]
-    if column.better is None or len(values) < 2:
-        return None
-    pick = max if column.better == "high" else min
-    return pick(values, key=lambda v: v[0])[1]  # ties: the first run
+def winners(rows: list[dict[str, Any]], column: Column) -> set[int]:
+    """The rows holding the best value of `column` (all of them on a tie); none when every run has the same."""
+    values = {i: r[column.key] for i, r in enumerate(rows) if r.get(column.key) is not None}
+    if column.better is None or len(set(values.values())) < 2:
+        return set()
+    best = (max if column.better == "high" else min)(values.values())
+    return {i for i, v in values.items() if v == best}
 
 
 def human_count(n: int) -> str:
