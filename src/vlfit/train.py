@@ -31,7 +31,8 @@ from vlfit.console import EpochView, log_to_file
 from vlfit.data import ImageSet, Split, eval_transform, prepare_data, train_transform
 from vlfit.data.sources import TransformedImages
 from vlfit.errors import ConfigError, UserError
-from vlfit.metrics import MetricsLog, RunningMetrics, peak_memory_mb, reset_peak_memory
+from vlfit.evaluate import EVAL_FILE, evaluate_checkpoint, save_eval
+from vlfit.metrics import MetricsLog, RunningMetrics, TensorBoardLog, peak_memory_mb, reset_peak_memory
 from vlfit.models import Preprocess
 from vlfit.probe import feature_loaders
 from vlfit.resilience import GracefulStop, NonFiniteGuard, Safeguards, explain_oom, resolve_micro_batch
@@ -112,7 +113,8 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
             "accum_steps": cfg.train.accum_steps, "architecture": parts["model"].architecture()}
 
     # ---- loop
-    with GracefulStop() as stop, EpochView(enabled=show) as view:
+    tensorboard = TensorBoardLog(run_dir, accelerator.is_main_process, step=progress.step)
+    with GracefulStop() as stop, EpochView(enabled=show) as view, tensorboard as tb:
         safeguards = Safeguards(checkpoints, parts, meta, guard, stop, run_dir)
         for epoch in range(progress.epoch, cfg.train.epochs + 1):
             reset_peak_memory(accelerator.device)
@@ -120,7 +122,7 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
             batches = epoch_batches(accelerator, train_loader, epoch, skip=progress.batches_done)
             with explain_oom(cfg.train, "training"):
                 train_loss, train_acc = train_one_epoch(model, batches, optimizer, scheduler, accelerator,
-                                                        cfg.train, progress, view, safeguards, total_steps)
+                                                        cfg.train, progress, view, safeguards, tb, total_steps)
             with explain_oom(cfg.train, "evaluation"):
                 val_loss, val_acc = evaluate(model, val_loader, accelerator)
             peak_mb, mem_kind = peak_memory_mb(accelerator.device)
@@ -135,6 +137,7 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
             progress.finish_epoch(record)
             safeguards.save(progress, best=best)
             metrics.append(record)
+            tb.log_epoch(record)
             view.add_row(record)
             log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
             stop.raise_if_requested(run_dir, f"after epoch {epoch}")
@@ -146,6 +149,11 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
 
     # ---- summary
     summary = summarize(progress.history, cfg, accelerator, trainable, total)
+    # Per-class numbers and the confusion matrix of the best checkpoint, for reports; before
+    # summary.json, whose presence says the run finished.
+    pixel_loader = accelerator.prepare(make_loaders(cfg, images, split, classifier.backbone.preprocess)[1]) \
+        if probe else val_loader  # a linear probe validated on cached features; the checkpoint reads images
+    save_eval(run_dir / EVAL_FILE, evaluate_checkpoint(checkpoints.root / "best", pixel_loader, accelerator))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log.info("best val_acc %.4f at epoch %d; summary in %s", summary["best_val_acc"], summary["best_epoch"],
              run_dir / "summary.json")
@@ -153,7 +161,7 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, accelerator: Accelerator, cfg: TrainConfig,
-                    progress: Progress, view: EpochView, safeguards: Safeguards,
+                    progress: Progress, view: EpochView, safeguards: Safeguards, tb: TensorBoardLog,
                     total_steps: int) -> tuple[float, float]:
     """Train on `batches`, the rest of epoch `progress.epoch`, keeping `progress` current; between
     optimizer steps `safeguards` check the loss, checkpoint when due and stop on a signal.
@@ -176,6 +184,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, accelerator: Accelerat
         progress.running.update(out["loss"], out["logits"], labels)
         progress.batches_done += 1
         safeguards.observe(out["loss"], grad_norm)
+        tb.log_step(out["loss"], scheduler.get_last_lr()[0], accelerator.sync_gradients)
         view.advance()
         if accelerator.sync_gradients:
             progress.step += 1
