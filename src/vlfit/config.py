@@ -97,7 +97,7 @@ class DataConfig(_Section):
     classes: list[str] | None = None  # class names in label order (null: ClassLabel names, else sorted label names)
     num_images: int = Field(2000, ge=30)  # synthetic-har: how many images to generate
     image_size: int = Field(96, ge=16, le=1024)  # synthetic-har: side of the generated images
-    seed: int = 0  # synthetic-har: generator seed
+    seed: int = Field(0, ge=0)  # synthetic-har: generator seed
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # stratified share held out for validation
     split_seed: int = 42  # seed of the stratified split
     split_file: str | None = None  # a split.json (image ids or names) to use instead of making one

@@ -7,8 +7,11 @@ and pixel noise all vary per image, and colours are drawn independently of the c
 has to learn shapes rather than a palette. The set needs no download, which lets demos, tests and
 CI run the whole fine-tuning pipeline without network access.
 
-Everything random comes from one ``np.random.default_rng(seed)``, and drawing uses integer pixel
-coordinates, so the same arguments give bit-identical arrays (for a given NumPy/Pillow release).
+Everything random comes from one ``np.random.default_rng(seed)`` (never the global state),
+gradients and noise use plain float32 arithmetic, and shapes are drawn at integer pixel
+coordinates, so the same arguments give bit-identical arrays from run to run and machine to
+machine. Other NumPy or Pillow releases may change them: neither promises a fixed random stream
+or rasteriser across versions.
 """
 
 from __future__ import annotations
@@ -285,6 +288,7 @@ class _Pen:
 
     def arc(self, center: Point, r: float, start: float, end: float, color: Color,
             width: float = 1.0, steps: int = 10) -> None:
+        """Arc from ``start`` to ``end`` degrees, as a polyline so it follows the image's mirror."""
         self.line([_add(center, _dir(start + (end - start) * i / steps), r)
                    for i in range(steps + 1)], color, width)
 
@@ -552,12 +556,12 @@ def _hugging(pen: _Pen, rng: np.random.Generator) -> None:
     """Two people pressed together, each with arms wrapped round the other's back."""
     st = pen.style
     size = 0.85
-    gap = rng.uniform(0.07, 0.11)
+    gap = rng.uniform(0.1, 0.13)
     for facing, color in ((1.0, st.figure), (-1.0, st.other_figure)):
-        # Hands reach past the partner's torso: shoulder height and a little lower.
-        around = 2 * gap / size + 0.07
+        # Hands reach just past the partner's torso: round the back, not through the body.
+        around = 2 * gap / size + 0.03
         _person(pen, rng, color, hip=(-facing * gap, 0.1), size=size, facing=facing,
-                torso=-84.0, tilt=15.0, hands=((around, 0.02), (around, 0.1)),
+                torso=-82.0, tilt=12.0, hands=((around, 0.03), (around, 0.11)),
                 feet=((-0.08, 0.43), (0.05, 0.43)), elbows=(-1.0, 1.0), jitter=0.012)
 
 
