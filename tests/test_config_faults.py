@@ -66,7 +66,7 @@ INVALID = {
     "train.device": not_one_of("auto", "cpu", "cuda"),
     "train.checkpoint_every": invalid_ints(1),
     "train.nonfinite_patience": invalid_ints(1),
-    "train.effective_batch": st.integers(1, 1000).filter(lambda v: v != 8),  # micro_batch 8 x accum 1
+    "train.effective_batch": st.integers(1, 1000).filter(lambda v: v % 8),  # a multiple of micro_batch 8
     "train.layer_decay": invalid_floats(0.0, 1.0, low_open=True),
     "model.head": not_one_of("linear", "zeroshot"),
     "model.finetune": not_one_of("full", "linear_probe", "lora"),

@@ -35,7 +35,7 @@ HELPER = ROOT / "tests" / "fault_injection.py"
 # Head dropout makes the model draw from the global random streams, which resume must restore.
 STEPS = 24
 TIMING = {"epoch_time_s", "train_images_per_s", "peak_mem_mb", "mean_epoch_time_s", "total_train_time_s",
-          "saliency_time_s"}
+          "saliency_time_s", "train_images_per_s_per_process", "peak_mem_mb_per_process"}
 
 _rng = random.Random(7)  # fixed: a failure names a kill point that reproduces
 KILL_STEPS = sorted(_rng.sample(range(1, STEPS + 1), 5))

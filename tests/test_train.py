@@ -13,7 +13,8 @@ from vlfit.train import train
 
 REQUIRED = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "train_images_per_s",
             "peak_mem_mb", "mem_kind", "lr"}
-TIMING = {"epoch_time_s", "train_images_per_s", "peak_mem_mb"}
+TIMING = {"epoch_time_s", "train_images_per_s", "peak_mem_mb", "train_images_per_s_per_process",
+          "peak_mem_mb_per_process"}
 QUICK = ["data.num_images=240", "data.image_size=64", "train.epochs=2", "train.micro_batch=32"]
 
 
@@ -38,7 +39,7 @@ def test_run_directory_holds_everything(quick_run):
         assert (run_dir / name).is_file(), name
     for ckpt in ("best", "last"):
         files = {p.name for p in (run_dir / "checkpoints" / ckpt).iterdir()}
-        assert files == {"model.safetensors", "optimizer.safetensors", "progress.safetensors", "rng.safetensors",
+        assert files == {"model.safetensors", "optimizer.safetensors", "running.safetensors", "rng.safetensors",
                          "state.json"}
     records = MetricsLog.read(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
@@ -47,7 +48,9 @@ def test_run_directory_holds_everything(quick_run):
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk == summary
     assert summary["best_val_acc"] == max(r["val_acc"] for r in records)
-    assert summary["trainable_params"] > 0 and summary["effective_batch"] == 32
+    assert summary["trainable_params"] > 0 and summary["effective_batch"] == 32 and summary["num_processes"] == 1
+    assert all(r["peak_mem_mb_per_process"] == [r["peak_mem_mb"]] and
+               r["train_images_per_s_per_process"] == [r["train_images_per_s"]] for r in records)
 
 
 def test_split_is_written_once_and_stratified(quick_run):

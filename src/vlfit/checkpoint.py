@@ -52,13 +52,18 @@ def save_checkpoint(path: Path, parts: dict[str, Any], meta: dict[str, Any]) -> 
     under a temporary name, fsynced, and renamed into place: `path` is always either the old
     checkpoint or the complete new one.
     """
+    write_checkpoint(path, {name: part.state_dict() for name, part in parts.items()}, meta)
+
+
+def write_checkpoint(path: Path, states: dict[str, Any], meta: dict[str, Any]) -> None:
+    """`save_checkpoint` of state_dicts already taken."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     skeletons, files = {}, {}
-    for name, part in parts.items():
+    for name, state in states.items():
         tensors: dict[str, torch.Tensor] = {}
-        skeletons[name] = _encode(part.state_dict(), "", tensors)
+        skeletons[name] = _encode(state, "", tensors)
         if tensors:
             file = f"{name}.safetensors"
             save_file(tensors, tmp / file)
@@ -145,9 +150,11 @@ class Checkpoints:
     def save(self, parts: dict[str, Any], meta: dict[str, Any], best: bool = False) -> float:
         """Write `last` (the old `last` becomes `previous`), and `best` too if `best`; returns seconds taken."""
         start = time.perf_counter()
+        # On every process: a part may gather its state from all of them (each process's random streams).
+        states = {name: part.state_dict() for name, part in parts.items()}
         if not self.writer:
-            return 0.0
-        save_checkpoint(self.root / "last", parts, meta)
+            return time.perf_counter() - start
+        write_checkpoint(self.root / "last", states, meta)
         if best:
             _copy_checkpoint(self.root / "last", self.root / "best")
         log.info("checkpoint: epoch %s, step %s%s", meta["epoch"], meta["step"], " (best)" if best else "")

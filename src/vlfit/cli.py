@@ -37,8 +37,6 @@ def cli() -> None:
 def train(config: Path | None, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool,
           resume_dir: Path | None) -> None:
     """Train and evaluate every epoch, as CONFIG (YAML) says, or continue a run with --resume."""
-    from vlfit.config import load_config
-
     if resume_dir is not None:
         if overwrite or (run_dir is not None and run_dir != resume_dir):
             raise UserError("--resume RUN_DIR continues that run in place; it cannot be combined with "
@@ -48,18 +46,10 @@ def train(config: Path | None, overrides: tuple[str, ...], run_dir: Path | None,
         run_dir = resume_dir
     elif config is None:
         raise UserError("missing CONFIG: give a config file, or --resume RUN_DIR to continue a run")
-    cfg = load_config(config if config is not None else run_dir / "config.yaml", list(overrides))
-    if resume_dir is None:
-        run_dir = run_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        prepare_run_dir(run_dir, overwrite)
-    setup_logging()
-
-    from vlfit.train import train as run_training
-
-    summary = run_training(cfg, run_dir, resume=resume_dir is not None)
-    click.echo(f"best val_acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), "
-               f"mean epoch {summary['mean_epoch_time_s']:.1f} s, peak memory {summary['peak_mem_mb']:.0f} MB "
-               f"({summary['mem_kind']}); run in {run_dir}")
+    summary, run_dir = start_training(config, list(overrides), run_dir, overwrite, resume_dir)
+    echo(f"best val_acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), "
+         f"mean epoch {summary['mean_epoch_time_s']:.1f} s, peak memory {summary['peak_mem_mb']:.0f} MB "
+         f"({summary['mem_kind']}); run in {run_dir}")
 
 
 @cli.command()
@@ -69,7 +59,7 @@ def validate(config: Path, overrides: tuple[str, ...]) -> None:
     """Check CONFIG and print it fully resolved, without loading data or models."""
     from vlfit.config import load_config
 
-    click.echo(load_config(config, list(overrides)).to_yaml(), nl=False)
+    echo(load_config(config, list(overrides)).to_yaml(), nl=False)
 
 
 @cli.command()
@@ -82,7 +72,7 @@ def zeroshot(config: Path, overrides: tuple[str, ...]) -> None:
 
     setup_logging()
     r = run_zeroshot(load_config(config, list(overrides)))
-    click.echo(f"zero-shot {r['backbone']}: val_acc {r['val_acc']:.4f}, val_loss {r['val_loss']:.4f} "
+    echo(f"zero-shot {r['backbone']}: val_acc {r['val_acc']:.4f}, val_loss {r['val_loss']:.4f} "
                f"({r['images']} images, {r['classes']} classes)")
 
 
@@ -99,17 +89,17 @@ def eval_(run_dir: Path, checkpoint: str, data: tuple[str, ...]) -> None:
     setup_logging()
     r = evaluate_run(run_dir, checkpoint, list(data))
     where = "its validation split" if not data else f"data {' '.join(data)}"
-    click.echo(f"{checkpoint} checkpoint (epoch {r['epoch']}) on {where}, {r['images']} images:")
+    echo(f"{checkpoint} checkpoint (epoch {r['epoch']}) on {where}, {r['images']} images:")
     # A checkpoint taken part way through an epoch has no recorded validation score.
     recorded = "n/a" if r["recorded_val_acc"] is None else f"{r['recorded_val_acc']:.4f}"
-    click.echo(f"  val_acc {r['val_acc']:.4f} (recorded {recorded}), top-{r['top_k']} "
+    echo(f"  val_acc {r['val_acc']:.4f} (recorded {recorded}), top-{r['top_k']} "
                f"{r['top5_acc']:.4f}, macro F1 {r['macro_f1']:.4f}, val_loss {r['val_loss']:.4f}")
     width = max(len(c["class"]) for c in r["per_class"])
-    click.echo(f"  {'class'.ljust(width)}  images  accuracy  precision      f1")
+    echo(f"  {'class'.ljust(width)}  images  accuracy  precision      f1")
     for c in r["per_class"]:
         cells = [f"{c[k]:.3f}" if c[k] is not None else "-" for k in ("accuracy", "precision", "f1")]
-        click.echo(f"  {c['class'].ljust(width)}  {c['support']:6d}  {cells[0]:>8}  {cells[1]:>9}  {cells[2]:>6}")
-    click.echo(f"written to {r['path']} (with the confusion matrix)")
+        echo(f"  {c['class'].ljust(width)}  {c['support']:6d}  {cells[0]:>8}  {cells[1]:>9}  {cells[2]:>6}")
+    echo(f"written to {r['path']} (with the confusion matrix)")
 
 
 @cli.group()
@@ -147,7 +137,7 @@ def compare(configs: tuple[Path, ...], overrides: tuple[str, ...], out: Path) ->
     from vlfit.compare import compare as run_compare
 
     setup_logging()
-    print_summary(run_compare(list(configs), list(overrides), out, say=click.echo))
+    print_summary(run_compare(list(configs), list(overrides), out, say=echo))
 
 
 @cli.command()
@@ -161,8 +151,8 @@ def demo(overrides: tuple[str, ...], out: Path) -> None:
 
     setup_logging()
     configs = demo_configs()
-    click.echo("demo: " + ", ".join(str(c) for c in configs))
-    print_summary(run_compare(configs, list(overrides), out, say=click.echo))
+    echo("demo: " + ", ".join(str(c) for c in configs))
+    print_summary(run_compare(configs, list(overrides), out, say=echo))
 
 
 @cli.command()
@@ -178,7 +168,7 @@ def report(run_dirs: tuple[Path, ...], out: Path | None) -> None:
     if out is None:
         parents = {p.parent for p in runs}
         out = (parents.pop() if len(parents) == 1 else Path(".")) / "report"
-    click.echo(f"report: {build_report(runs, out)}")
+    echo(f"report: {build_report(runs, out)}")
 
 
 @cli.command()
@@ -194,14 +184,14 @@ def predict(run_dir: Path, images: tuple[Path, ...], top_k: int, csv_path: Path 
     from vlfit.predict import write_csv
 
     setup_logging()
-    predictions = run_predict(run_dir, list(images), top_k, checkpoint)
+    predictions = run_predict(run_dir, list(images), top_k, checkpoint)  # under a launcher: the main process's
     if csv_path is not None:
         rows = list(predictions)
         write_csv(rows, csv_path)
-        click.echo(f"{len(rows)} images: predictions in {csv_path}")
+        echo(f"{len(rows)} images: predictions in {csv_path}")
         return
     for p in predictions:
-        click.echo(f"{p.path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
+        echo(f"{p.path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
 
 
 def print_summary(report: Path) -> None:
@@ -211,6 +201,10 @@ def print_summary(report: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from vlfit.distributed import process_index
+
+    if process_index() != 0:
+        return
     rows = json.loads((report.parent / "summary.json").read_text())["runs"]
     table = Table("model", title="comparison (speed and memory relative to the first)", title_justify="left")
     for title in ("best val acc", "epoch", "images/s", "speed", "peak mem (MB)", "memory"):
@@ -219,7 +213,32 @@ def print_summary(report: Path) -> None:
         table.add_row(r["model"], f"{r['best_val_acc']:.3f}", str(r["best_epoch"]), f"{r['train_images_per_s']:.1f}",
                       f"{r['speed_vs_first']:.2f}x", f"{r['peak_mem_mb']:.0f}", f"{r['memory_vs_first']:.2f}x")
     Console().print(table)
-    click.echo(f"report: {report}")
+    echo(f"report: {report}")
+
+
+def start_training(config: Path | None, overrides: list[str], run_dir: Path | None, overwrite: bool = False,
+                   resume_dir: Path | None = None) -> tuple[dict, Path]:
+    """Train `config` (or resume `resume_dir`) as `vlfit train` does; returns (summary, run directory).
+
+    Under a launcher every process calls this; the main process names and prepares the run
+    directory, and the others wait for it."""
+    from vlfit.config import load_config
+    from vlfit.distributed import main_decides, start_processes
+    from vlfit.train import train as run_training
+    from vlfit.train import uses_gpu
+
+    cfg = load_config(config if config is not None else run_dir / "config.yaml", overrides)
+    start_processes(cpu=not uses_gpu(cfg.train))
+    if resume_dir is None:
+        run_dir = main_decides(new_run_dir, run_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                               overwrite)
+    setup_logging()
+    return run_training(cfg, run_dir, resume=resume_dir is not None), run_dir
+
+
+def new_run_dir(run_dir: Path, overwrite: bool) -> Path:
+    prepare_run_dir(run_dir, overwrite)
+    return run_dir
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -238,17 +257,40 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 
 def setup_logging() -> None:
-    """Warnings and worse to the console; the run's own log file is written by the training loop."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    """Warnings and worse to the console (errors only from processes other than the main one, which
+    would repeat its warnings); the run's own log file is written by the training loop."""
+    from vlfit.distributed import process_index
+
+    level = logging.WARNING if process_index() == 0 else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
     # On the handler too: the run's log file lowers vlfit's logger to INFO, and those records must
     # reach the file, not the console under the epoch table.
     for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.WARNING)
+        handler.setLevel(level)
     # transformers' own weight-loading reports and bars would drown the epoch table.
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def echo(message: str = "", **kwargs) -> None:
+    """click.echo in the main process only: under a launcher every process runs the command."""
+    from vlfit.distributed import process_index
+
+    if process_index() == 0:
+        click.echo(message, **kwargs)
+
+
+def report_error(err: UserError) -> None:
+    """Print a UserError once: by the main process, or by another one that alone knows it (prefixed
+    with its rank). An error every process meets alike (a config, a signal) is the main one's to say."""
+    from vlfit.distributed import joined, process_index
+
+    rank = process_index()
+    if err.quiet or (rank != 0 and (err.everywhere or not joined())):
+        return
+    click.echo(f"{f'[process {rank}] ' if rank else ''}{err.prefix}: {err}", err=True)
 
 
 def main() -> None:
@@ -263,7 +305,7 @@ def main() -> None:
         err.show()
         sys.exit(err.exit_code)
     except UserError as err:
-        click.echo(f"{err.prefix}: {err}", err=True)
+        report_error(err)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlfit.config import Config, load_config
+from vlfit.distributed import launched, main_decides, start_processes, wait_for_everyone
 from vlfit.errors import ConfigError, UserError
 from vlfit.evaluate import EVAL_FILE, evaluate_run
 from vlfit.report import MANIFEST, build_report
@@ -37,8 +38,12 @@ def compare(configs: list[Path], overrides: list[str], out: Path, say: Callable[
     """Train every config that has no finished run in `out/<name>/`, check they share one split,
     and write the report to `out/report/`. Returns the path of report.html."""
     plans = plan(configs, overrides, out)
+    if launched():  # every launched process trains every run; the main one decides and writes
+        from vlfit.train import uses_gpu
+
+        start_processes(cpu=not uses_gpu(plans[0].cfg.train))
     for i, p in enumerate(plans, 1):
-        state = run_state(p.run_dir, p.cfg)
+        state = main_decides(run_state, p.run_dir, p.cfg)
         where = f"[{i}/{len(plans)}] {p.cfg.name}"
         if state == "finished":
             say(f"{where}: finished run in {p.run_dir}, skipped")
@@ -49,13 +54,19 @@ def compare(configs: list[Path], overrides: list[str], out: Path, say: Callable[
             say(f"{where}: {p.run_dir} holds an unfinished run; {'resuming' if '--resume' in extra else 'starting it again'}")
         else:
             say(f"{where}: training into {p.run_dir}")
-        train_in_subprocess(p, overrides, extra)
+        train_run(p, overrides, extra)
+    wait_for_everyone()
     run_dirs = [p.run_dir for p in plans]
     check_same_split(run_dirs)
     for run_dir in run_dirs:
-        if not (run_dir / EVAL_FILE).is_file():  # a run that finished before runs wrote eval.json
+        if not main_decides((run_dir / EVAL_FILE).is_file):  # a run that finished before runs wrote eval.json
             say(f"scoring {run_dir}'s best checkpoint for the per-class results")
             evaluate_run(run_dir)
+    return main_decides(write_report, plans, overrides, out)
+
+
+def write_report(plans: list[Planned], overrides: list[str], out: Path) -> Path:
+    run_dirs = [p.run_dir for p in plans]
     (out / MANIFEST).write_text(json.dumps({"runs": [d.name for d in run_dirs],
                                             "configs": [str(p.config) for p in plans],
                                             "overrides": list(overrides)}, indent=1) + "\n")
@@ -113,7 +124,14 @@ def resume_or_restart(run_dir: Path) -> list[str]:
     return ["--resume", str(run_dir)]
 
 
-def train_in_subprocess(p: Planned, overrides: list[str], extra: list[str]) -> None:
+def train_run(p: Planned, overrides: list[str], extra: list[str]) -> None:
+    """Train one run as `vlfit train` would, in a process of its own; under a launcher, in the
+    launched processes themselves, one run after another (they cannot launch processes of their own)."""
+    if launched():
+        from vlfit.cli import start_training
+
+        start_training(p.config, overrides, p.run_dir, resume_dir=p.run_dir if "--resume" in extra else None)
+        return
     cmd = [sys.executable, "-m", "vlfit", "train", str(p.config), *(a for o in overrides for a in ("--set", o)),
            "--run-dir", str(p.run_dir), *extra]
     result = subprocess.run(cmd)

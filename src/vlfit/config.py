@@ -157,9 +157,11 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)  # passes over the training split
-    micro_batch: int | Literal["auto"] = 64  # images per forward/backward; auto: the largest that fits the GPU
-    accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step: effective batch = micro_batch x accum_steps
-    effective_batch: int | None = Field(None, ge=1, validate_default=True)  # images per step; needed by auto
+    micro_batch: int | Literal["auto"] = 64  # images per forward/backward per process; auto: the largest that fits the GPU
+    accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step: effective batch = micro_batch x accum_steps x processes
+    # images per optimizer step over all processes: fixes it on any process count (accum_steps is then
+    # derived as effective_batch / (micro_batch x processes)); needed by micro_batch: auto
+    effective_batch: int | None = Field(None, ge=1, validate_default=True)
     eval_batch: int = Field(256, ge=1)  # images per evaluation forward (no gradients, so larger)
     lr: float = Field(1e-3, gt=0.0)  # peak learning rate after warmup
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # cosine floor as a fraction of lr
@@ -174,6 +176,7 @@ class TrainConfig(_Section):
     seed: int = 0  # seeds weights, data order and augmentation
     checkpoint_every: int | None = Field(None, ge=1)  # also checkpoint every N optimizer steps (null: epoch ends only)
     nonfinite_patience: int = Field(10, ge=1)  # fp16: consecutive non-finite-loss steps tolerated before stopping
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # several processes: replicate the model (ddp) or shard it (fsdp, GPUs)
 
     @field_validator("micro_batch", mode="before")
     @classmethod
@@ -191,14 +194,13 @@ class TrainConfig(_Section):
         micro, accum = info.data.get("micro_batch"), info.data.get("accum_steps")
         if micro is None or accum is None:  # already reported as invalid
             return v
-        if micro == "auto":
-            if v is None:
-                raise ValueError("micro_batch: auto needs effective_batch, the images per optimizer step to keep")
-            if accum != 1:
-                raise ValueError(f"with micro_batch: auto, accum_steps is derived from effective_batch; "
-                                 f"remove accum_steps (got {accum})")
-        elif v is not None and v != micro * accum:
-            raise ValueError(f"must equal micro_batch x accum_steps = {micro} x {accum} = {micro * accum} (got {v})")
+        if micro == "auto" and v is None:
+            raise ValueError("micro_batch: auto needs effective_batch, the images per optimizer step to keep")
+        if v is not None and accum != 1:
+            raise ValueError(f"with effective_batch set, accum_steps is derived from it (effective_batch / "
+                             f"(micro_batch x processes)); remove accum_steps (got {accum})")
+        if v is not None and micro != "auto" and v % micro:
+            raise ValueError(f"must be a multiple of micro_batch ({micro}), got {v}")
         return v
 
     @field_validator("device")

@@ -8,10 +8,14 @@ class UserError(Exception):
 
     exit_code = 2
     prefix = "error"  # how the CLI introduces the message
+    everywhere = False  # every process meets it alike (under a launcher): the main process alone reports it
+    quiet = False  # already reported (by another process): say nothing
 
 
 class ConfigError(UserError):
     """One or more problems in a config; each problem is one line naming its key."""
+
+    everywhere = True
 
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems

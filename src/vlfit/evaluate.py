@@ -52,9 +52,10 @@ def evaluate_run(run_dir: Path, which: str = "best", data: list[str] = ()) -> di
         raise UserError(f"{run_dir}: the data's classes differ from the checkpoint's")
     val_set = TransformedImages(subset, eval_transform(model.backbone.preprocess))
     loader = accelerator.prepare(DataLoader(val_set, batch_size=cfg.train.eval_batch, num_workers=cfg.data.num_workers))
-    result = {**score(model, state, loader, accelerator, which), **described}
+    result = {**score(model, state, loader, accelerator, which), **described}  # every process: it gathers
     path = run_dir / eval_file_name(which, data)
-    save_eval(path, result)
+    if accelerator.is_main_process:
+        save_eval(path, result)
     return {**result, "path": str(path)}
 
 

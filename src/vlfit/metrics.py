@@ -6,7 +6,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,11 @@ class RunningMetrics:
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.count = 0
 
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.count = 0
+
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """`loss` is the batch mean; weighted by the batch size so the epoch value is a per-image mean."""
         n = labels.shape[0]
@@ -29,11 +34,16 @@ class RunningMetrics:
         self.correct += (logits.detach().argmax(dim=-1) == labels).sum()
         self.count += n
 
-    def compute(self) -> tuple[float, float]:
-        """(mean loss, accuracy) over everything seen; one host sync."""
-        if self.count == 0:
+    def compute(self, reduce: Callable[..., torch.Tensor] | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy) over everything seen, by every process when given `reduce`
+        (Accelerate's `reduce`, summing a tensor over processes); one host sync."""
+        totals = torch.stack([self.loss_sum, self.correct.double(), self.loss_sum.new_tensor(self.count)])
+        if reduce is not None:
+            totals = reduce(totals, "sum")
+        loss_sum, correct, count = totals.tolist()
+        if count == 0:
             return float("nan"), float("nan")
-        return self.loss_sum.item() / self.count, self.correct.item() / self.count
+        return loss_sum / count, correct / count
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count}
@@ -92,17 +102,23 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; `read` returns them in order."""
+    """Appends one JSON object per line; `read` returns them in order. With several processes only
+    the main one is the `writer`; the others' calls do nothing."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writer: bool = True):
         self.path = path
+        self.writer = writer
 
     def append(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def rewrite(self, records: list[dict[str, Any]]) -> None:
         """Replace the file by `records`: a resumed run drops lines written after its checkpoint."""
+        if not self.writer:
+            return
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(self.path)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlfit.checkpoint import load_checkpoint
@@ -44,7 +45,10 @@ def find_images(paths: list[Path]) -> list[Path]:
 def predict(run_dir: Path, paths: list[Path], top_k: int = 5, checkpoint: str = "best",
             batch_size: int | None = None) -> Iterator[Prediction]:
     """Yield a Prediction per image under `paths`, from the run's `checkpoint`, preprocessed exactly as
-    its validation images were. `top_k` is capped at the number of classes."""
+    its validation images were. `top_k` is capped at the number of classes.
+
+    Under a launcher each process classifies its share of every chunk of images, and the main
+    process yields them all, in order; the others yield nothing."""
     from vlfit.train import make_accelerator  # heavy: only once the arguments are known to be good
 
     if not (run_dir / "config.yaml").is_file():
@@ -57,15 +61,20 @@ def predict(run_dir: Path, paths: list[Path], top_k: int = 5, checkpoint: str = 
     transform = eval_transform(model.backbone.preprocess)
     classes = state["classes"]
     k = min(top_k, len(classes))
-    batch_size = batch_size or cfg.train.eval_batch
-    for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        pixels = torch.stack([transform(read_image(f)) for f in chunk]).to(accelerator.device)
-        with torch.inference_mode(), accelerator.autocast():
-            probs = model(pixels).float().softmax(dim=-1).cpu()
-        values, indices = probs.topk(k, dim=-1)
-        for f, v, i in zip(chunk, values.tolist(), indices.tolist()):
-            yield Prediction(f, [(classes[c], p) for c, p in zip(i, v)])
+    step = (batch_size or cfg.train.eval_batch) * accelerator.num_processes
+    for start in range(0, len(files), step):
+        with accelerator.split_between_processes(files[start:start + step]) as mine:  # contiguous shares
+            found = []
+            if mine:
+                pixels = torch.stack([transform(read_image(f)) for f in mine]).to(accelerator.device)
+                with torch.inference_mode(), accelerator.autocast():
+                    probs = model(pixels).float().softmax(dim=-1).cpu()
+                values, indices = probs.topk(k, dim=-1)
+                found = [Prediction(f, [(classes[c], p) for c, p in zip(i, v)])
+                         for f, v, i in zip(mine, values.tolist(), indices.tolist())]
+        found = gather_object(found)  # every process's share, in file order
+        if accelerator.is_main_process:
+            yield from found
 
 
 def read_image(path: Path) -> torch.Tensor:

@@ -31,6 +31,7 @@ class RunInterrupted(UserError):
     """The run stopped on a signal after writing a checkpoint; the exit code is the shell's 128 + signal."""
 
     prefix = "stopped"
+    everywhere = True  # every process stops at the same step
 
     def __init__(self, signum: int, message: str):
         self.exit_code = 128 + signum
@@ -62,7 +63,7 @@ class Safeguards:
         The periodic checkpoint is left to the epoch's own when the step ends the epoch."""
         self.guard.end_step(progress.step, progress.epoch, skipped)
         spent = 0.0
-        if (self.checkpoints.due(progress.step) and not epoch_ends) or self.stop.requested:
+        if self.stop.agree() or (self.checkpoints.due(progress.step) and not epoch_ends):
             spent = self.save(progress)
         self.stop.raise_if_requested(self.run_dir, f"at step {progress.step} (epoch {progress.epoch})")
         return spent
@@ -82,9 +83,10 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, exit_now: Callable[[int], Any] = os._exit):
+    def __init__(self, exit_now: Callable[[int], Any] = os._exit, agree: Callable[[int], int] | None = None):
         self.signum: int | None = None
         self._exit_now = exit_now
+        self._agree = agree  # with several processes: the largest signal number any of them received
         self._previous: dict[int, Any] = {}
 
     @property
@@ -108,6 +110,13 @@ class GracefulStop:
             return
         self.signum = signum
         _say(f"\n{name}: finishing the current step, then writing a checkpoint (send it again to exit at once)\n")
+
+    def agree(self) -> bool:
+        """Whether a stop was asked for in any process; after this every process knows it. Every
+        process must call it at the same point (an optimizer step, an epoch's end)."""
+        if self._agree is not None:
+            self.signum = self._agree(self.signum or 0) or None
+        return self.requested
 
     def raise_if_requested(self, run_dir: Any, where: str) -> None:
         if self.signum is not None:
@@ -133,9 +142,11 @@ class NonFiniteGuard:
     all, and is called before every checkpoint.
     """
 
-    def __init__(self, patience: int, scaler: bool):
+    def __init__(self, patience: int, scaler: bool, combine: Callable[..., torch.Tensor] | None = None):
         self.patience = patience if scaler else 1
         self.scaler = scaler
+        # With several processes, Accelerate's `reduce`: a loss that is bad on one process stops them all.
+        self.combine = combine
         self.streak = 0  # consecutive optimizer steps with a non-finite loss
         self.skipped = 0  # optimizer steps the scaler skipped
         self._bad: torch.Tensor | None = None
@@ -151,6 +162,8 @@ class NonFiniteGuard:
     def end_step(self, step: int, epoch: int, skipped: bool) -> None:
         """Close optimizer step `step`; settle the one before it (whose result is surely ready)."""
         self.skipped += skipped
+        if self.combine is not None and self._bad is not None:
+            self._bad = self.combine(self._bad.int(), "sum") > 0  # queued on the device; read a step later
         self._pending.append((step, epoch, self._bad))
         self._bad = None
         while len(self._pending) > 1:
@@ -221,32 +234,48 @@ def oom_message(cfg: TrainConfig, phase: str) -> str:
 
 def resolve_micro_batch(cfg: TrainConfig, model: torch.nn.Module, accelerator: Accelerator,
                         recorded: tuple[int, int] | None = None) -> TrainConfig:
-    """`cfg` with `micro_batch: auto` replaced by a number, and accum_steps chosen so that
-    micro_batch x accum_steps is still `effective_batch`.
+    """`cfg` with micro_batch and accum_steps as numbers for this run's processes: with
+    `effective_batch` set, micro_batch x accum_steps x processes is exactly it, whatever the number of
+    processes; `micro_batch: auto` is replaced by a number.
 
     A resumed run passes the `(micro_batch, accum_steps)` it `recorded`, so its batches do not
-    depend on how much memory is free today. On a GPU the largest divisor of the effective batch
+    depend on how much memory is free today. On a GPU the largest divisor of the per-process batch
     whose training step fits is searched; on the CPU the largest divisor up to CPU_AUTO_MICRO_BATCH.
     """
-    if cfg.micro_batch != "auto":
+    effective, processes = cfg.effective_batch, accelerator.num_processes
+    if effective is None:
         return cfg
-    effective = cfg.effective_batch
-    assert effective is not None  # the config's validation guarantees it
-    candidates = [m for m in range(1, effective + 1) if effective % m == 0]
     if recorded is not None:
         micro = recorded[0]
-    elif accelerator.device.type != "cuda":
-        micro = max(m for m in candidates if m <= CPU_AUTO_MICRO_BATCH)
+    elif effective % (processes * (cfg.micro_batch if cfg.micro_batch != "auto" else 1)):
+        what = "" if cfg.micro_batch == "auto" else f" x train.micro_batch {cfg.micro_batch}"
+        raise UserError(f"train.effective_batch: {effective} images per optimizer step cannot be split evenly over "
+                        f"{processes} processes{what}; choose an effective batch that is a multiple of "
+                        f"{processes * (cfg.micro_batch if cfg.micro_batch != 'auto' else 1)}")
+    elif cfg.micro_batch != "auto":
+        micro = cfg.micro_batch
     else:
-        size = model.backbone.preprocess.image_size  # type: ignore[union-attr]
-        micro = largest_fitting(candidates, lambda m: step_fits(model, m, size, accelerator))
-        if micro is None:
-            raise UserError("out of GPU memory: not even train.micro_batch 1 fits a training step; use "
-                            "train.precision bf16, or a smaller backbone")
-        # Every process must cut the batch the same way: take the smallest fit among them.
-        micro = int(accelerator.gather(torch.tensor([micro], device=accelerator.device)).min())
-    log.info("micro_batch auto: %d x %d accumulation steps = effective batch %d", micro, effective // micro, effective)
-    return TrainConfig.model_validate({**cfg.model_dump(), "micro_batch": micro, "accum_steps": effective // micro})
+        micro = auto_micro_batch(effective // processes, model, accelerator)
+    accum = effective // (micro * processes)
+    if cfg.micro_batch == "auto":
+        log.info("micro_batch auto: %d x %d accumulation steps x %d processes = effective batch %d", micro, accum,
+                 processes, effective)
+    # Not re-validated: the config's own rule (accum_steps left to effective_batch) holds for what the user wrote.
+    return cfg.model_copy(update={"micro_batch": micro, "accum_steps": accum})
+
+
+def auto_micro_batch(per_process: int, model: torch.nn.Module, accelerator: Accelerator) -> int:
+    """The largest divisor of `per_process` (images per process per optimizer step) that fits a training step."""
+    candidates = [m for m in range(1, per_process + 1) if per_process % m == 0]
+    if accelerator.device.type != "cuda":
+        return max(m for m in candidates if m <= CPU_AUTO_MICRO_BATCH)
+    size = model.backbone.preprocess.image_size  # type: ignore[union-attr]
+    micro = largest_fitting(candidates, lambda m: step_fits(model, m, size, accelerator))
+    if micro is None:
+        raise UserError("out of GPU memory: not even train.micro_batch 1 fits a training step; use "
+                        "train.precision bf16, or a smaller backbone")
+    # Every process must cut the batch the same way: take the smallest fit among them.
+    return int(accelerator.gather(torch.tensor([micro], device=accelerator.device)).min())
 
 
 def largest_fitting(candidates: list[int], fits: Callable[[int], bool]) -> int | None:

@@ -26,7 +26,9 @@ from vlfit.metrics import RunningMetrics
 @dataclass
 class Progress:
     """Where a run stands: the epoch under way, micro-batches done in it, optimizer steps so far, the
-    loss/accuracy sums and training seconds of the unfinished epoch, and the records of finished ones."""
+    loss/accuracy sums and training seconds of the unfinished epoch, and the records of finished ones.
+
+    The sums (`running`) differ between processes and are saved as a part of their own."""
 
     running: RunningMetrics
     epoch: int = 1
@@ -40,7 +42,7 @@ class Progress:
         self.epoch += 1
         self.batches_done = 0
         self.epoch_seconds = 0.0
-        self.running = RunningMetrics(self.running.loss_sum.device)
+        self.running.reset()
 
     def position(self) -> dict[str, Any]:
         """What a checkpoint taken now holds, in words a reader of state.json understands."""
@@ -51,12 +53,11 @@ class Progress:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "step": self.step,
-                "epoch_seconds": self.epoch_seconds, "history": self.history, "running": self.running.state_dict()}
+                "epoch_seconds": self.epoch_seconds, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.batches_done, self.step = state["epoch"], state["batches_done"], state["step"]
         self.epoch_seconds, self.history = state["epoch_seconds"], list(state["history"])
-        self.running.load_state_dict(state["running"])
 
 
 class RNGState:

@@ -13,6 +13,7 @@ import math
 import platform
 import re
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from vlfit.config import Config, TrainConfig, load_config, resume_differences
 from vlfit.console import EpochView, log_to_file
 from vlfit.data import ImageSet, Split, eval_transform, prepare_data, train_transform
 from vlfit.data.sources import TransformedImages
+from vlfit.distributed import AnyProcess, PerProcess, across_processes, main_decides, process_index, together
 from vlfit.errors import ConfigError, UserError
 from vlfit.evaluate import EVAL_FILE, evaluate_checkpoint, save_eval
 from vlfit.metrics import MetricsLog, RunningMetrics, TensorBoardLog, peak_memory_mb, reset_peak_memory
@@ -52,19 +54,23 @@ def train(cfg: Config, run_dir: Path, show: bool = True, resume: bool = False) -
     """
     if resume:
         cfg = check_resumable(cfg, run_dir)
-    with log_to_file(run_dir / "train.log"):
+    with log_to_file(run_dir / "train.log") if process_index() == 0 else nullcontext():  # one log, the main process's
         return _train(cfg.model_copy(deep=True), run_dir, show, resume)
 
 
 def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, Any]:
     # ---- setup
     accelerator = make_accelerator(cfg.train)
-    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.checkpoint_every, accelerator.is_main_process)
-    start_from = checkpoints.newest_good() if resume else None
+    main = accelerator.is_main_process  # the one process that writes files; every process computes alike
+    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.checkpoint_every, main)
+    start_from = main_decides(resume_point, checkpoints, accelerator.num_processes) if resume else None
     set_seed(cfg.train.seed)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if main:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    images, split = prepare_data(cfg.data, run_dir)  # checks every image; writes split.json, classes.txt, reports
+    # Every process checks every image and draws the same split; the main one writes split.json,
+    # classes.txt and the reports.
+    images, split = together(prepare_data, cfg.data, run_dir if main else None)
 
     classifier, text = build_classifier(cfg, images.classes)
     zero_shot = snapshot(classifier) if cfg.wise_ft.alphas else None
@@ -95,26 +101,30 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
     # ---- state: everything a checkpoint holds, by name. A new stateful part (an EMA teacher, ...)
     # is one more entry; it needs only state_dict() and load_state_dict().
     progress = Progress(RunningMetrics(accelerator.device))
-    guard = NonFiniteGuard(cfg.train.nonfinite_patience, scaler=accelerator.scaler is not None)
+    guard = NonFiniteGuard(cfg.train.nonfinite_patience, scaler=accelerator.scaler is not None,
+                           combine=accelerator.reduce if accelerator.num_processes > 1 else None)
     task = accelerator.unwrap_model(model)
     parts: dict[str, Any] = {"model": task.classifier, "optimizer": optimizer,
                              "scheduler": scheduler, "progress": progress, "nonfinite": guard}
     parts.update(task.extra_state())  # an EMA teacher, a text tower that trains
     if accelerator.scaler is not None:
         parts["scaler"] = accelerator.scaler
-    parts["rng"] = RNGState()  # last: restoring it must follow everything else that draws random numbers
+    parts["running"] = PerProcess(progress.running)  # each process's loss/accuracy sums of the epoch so far
+    parts["rng"] = PerProcess(RNGState())  # last: restoring it must follow everything else that draws random numbers
     if start_from is not None:
         restore_parts(parts, *read_checkpoint(start_from[0]))
+        accelerator.wait_for_everyone()  # every process has read it before the main one writes the next
         log.info("resumed from %s: epoch %d, %d batches into it, step %d", start_from[0], progress.epoch,
                  progress.batches_done, progress.step)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", writer=main)
     metrics.rewrite(progress.history)  # drops lines written after the checkpoint the run resumed from
     meta = {"classes": images.classes, "config": cfg.model_dump(mode="json"), "micro_batch": cfg.train.micro_batch,
-            "accum_steps": cfg.train.accum_steps, "architecture": parts["model"].architecture()}
+            "accum_steps": cfg.train.accum_steps, "num_processes": accelerator.num_processes,
+            "architecture": parts["model"].architecture()}
 
     # ---- loop
-    tensorboard = TensorBoardLog(run_dir, accelerator.is_main_process, step=progress.step)
-    with GracefulStop() as stop, EpochView(enabled=show) as view, tensorboard as tb:
+    tensorboard = TensorBoardLog(run_dir, main, step=progress.step)
+    with GracefulStop(agree=AnyProcess()) as stop, EpochView(enabled=show and main) as view, tensorboard as tb:
         safeguards = Safeguards(checkpoints, parts, meta, guard, stop, run_dir)
         for epoch in range(progress.epoch, cfg.train.epochs + 1):
             reset_peak_memory(accelerator.device)
@@ -126,10 +136,12 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
             with explain_oom(cfg.train, "evaluation"):
                 val_loss, val_acc = evaluate(model, val_loader, accelerator)
             peak_mb, mem_kind = peak_memory_mb(accelerator.device)
+            speeds, peaks = zip(*across_processes([progress.running.count / progress.epoch_seconds, peak_mb]))
             record = {
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                 "val_loss": val_loss, "val_acc": val_acc, "epoch_time_s": progress.epoch_seconds,
-                "train_images_per_s": progress.running.count / progress.epoch_seconds, "peak_mem_mb": peak_mb,
+                "train_images_per_s": sum(speeds), "train_images_per_s_per_process": list(speeds),
+                "peak_mem_mb": max(peaks), "peak_mem_mb_per_process": list(peaks),
                 "mem_kind": mem_kind, "lr": scheduler.get_last_lr()[0], "step": progress.step,
                 "skipped_steps": guard.skipped, **task.epoch_stats(),
             }
@@ -140,12 +152,14 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
             tb.log_epoch(record)
             view.add_row(record)
             log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
+            stop.agree()
             stop.raise_if_requested(run_dir, f"after epoch {epoch}")
 
     # ---- WiSE-FT: the fine-tuned weights mixed back toward the zero-shot model
     if zero_shot is not None:
         wise = wise_ft_sweep(model, zero_shot, cfg.wise_ft.alphas, val_loader, accelerator)
-        (run_dir / "wise_ft.json").write_text(json.dumps(wise, indent=1) + "\n")
+        if main:
+            (run_dir / "wise_ft.json").write_text(json.dumps(wise, indent=1) + "\n")
 
     # ---- summary
     summary = summarize(progress.history, cfg, accelerator, trainable, total)
@@ -153,8 +167,11 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
     # summary.json, whose presence says the run finished.
     pixel_loader = accelerator.prepare(make_loaders(cfg, images, split, classifier.backbone.preprocess)[1]) \
         if probe else val_loader  # a linear probe validated on cached features; the checkpoint reads images
-    save_eval(run_dir / EVAL_FILE, evaluate_checkpoint(checkpoints.root / "best", pixel_loader, accelerator))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    accelerator.wait_for_everyone()  # the main process has written `best`: now every process may read it
+    scores = evaluate_checkpoint(checkpoints.root / "best", pixel_loader, accelerator)
+    if main:
+        save_eval(run_dir / EVAL_FILE, scores)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log.info("best val_acc %.4f at epoch %d; summary in %s", summary["best_val_acc"], summary["best_epoch"],
              run_dir / "summary.json")
     return summary
@@ -191,7 +208,8 @@ def train_one_epoch(model, batches, optimizer, scheduler, accelerator: Accelerat
             progress.epoch_seconds = time.perf_counter() - clock
             clock += safeguards.after_step(progress, skipped=accelerator.optimizer_step_was_skipped,
                                            epoch_ends=accelerator.gradient_state.end_of_dataloader)
-    loss, acc = progress.running.compute()  # the epoch's only wait for the device: all its work is done
+    # The epoch's only wait for the device (all its work is done), over every process's images.
+    loss, acc = progress.running.compute(accelerator.reduce)
     progress.epoch_seconds = time.perf_counter() - clock
     return loss, acc
 
@@ -228,23 +246,56 @@ def check_resumable(cfg: Config, run_dir: Path) -> Config:
     return saved.model_copy(update={"data": saved.data.model_copy(update={"num_workers": cfg.data.num_workers})})
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """An Accelerator for the configured device and precision; impossible combinations are user errors."""
+def resume_point(checkpoints: Checkpoints, num_processes: int) -> tuple[Path, dict[str, Any]] | None:
+    """The newest good checkpoint to resume from, if it was written by as many processes as this run has.
+
+    Each process restores its own random streams and running sums, so the count must match."""
+    found = checkpoints.newest_good()
+    if found is not None and (had := found[1]["meta"].get("num_processes", 1)) != num_processes:
+        raise UserError(f"--resume: this run was trained by {had} processes and would be resumed by "
+                        f"{num_processes}; resume it with {had} (e.g. accelerate launch --num_processes {had} ...), "
+                        "or start a new run")
+    return found
+
+
+def uses_gpu(cfg: TrainConfig) -> bool:
+    """Whether the run trains on CUDA GPUs; asking for one that is not there is a user error."""
     has_cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not has_cuda:
         raise UserError("train.device: 'cuda' was asked for but no CUDA device is available")
-    on_gpu = has_cuda and cfg.device != "cpu"
+    return has_cuda and cfg.device != "cpu"
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """An Accelerator for the configured device, precision and distribution; impossible combinations
+    are user errors. Under `accelerate launch` or `torchrun` it joins the launched processes."""
+    on_gpu = uses_gpu(cfg)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and not on_gpu:
         raise UserError("train.precision: fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    if cfg.distributed == "fsdp" and not on_gpu:
+        raise UserError("train.distributed: fsdp shards the model over CUDA GPUs; on the CPU use ddp")
     return Accelerator(
         cpu=not on_gpu,
         mixed_precision={"fp32": "no"}.get(precision, precision),
         gradient_accumulation_steps=cfg.accum_steps,
         # Data order becomes a function of (seed, epoch): reproducible, and the same on every process count.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        fsdp_plugin=fsdp_plugin() if cfg.distributed == "fsdp" else None,
+    )
+
+
+def fsdp_plugin():
+    """FSDP2: every encoder layer its own shard unit, parameters kept as they are (so the optimizer's
+    per-layer groups survive), and full weights gathered to the CPU for checkpoints."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["CLIPEncoderLayer", "SiglipEncoderLayer"],
+        state_dict_type="FULL_STATE_DICT", reshard_after_forward=True, cpu_ram_efficient_loading=False,
     )
 
 
@@ -333,6 +384,7 @@ def summarize(history: list[dict[str, Any]], cfg: Config, accelerator: Accelerat
         "effective_batch": cfg.train.micro_batch * cfg.train.accum_steps * accelerator.num_processes,
         "micro_batch": cfg.train.micro_batch,
         "accum_steps": cfg.train.accum_steps,
+        "num_processes": accelerator.num_processes,
         "skipped_steps": history[-1]["skipped_steps"],
         "precision": accelerator.mixed_precision,
         "device": device_name(accelerator.device),

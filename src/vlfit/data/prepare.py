@@ -40,12 +40,15 @@ CLASSES, SPLIT, BAD_FILES, DUPLICATES = "classes.txt", "split.json", "bad_files.
 _BATCH = 1024
 
 
-def prepare_data(cfg: DataConfig, run_dir: Path) -> tuple[ImageSet, Split]:
+def prepare_data(cfg: DataConfig, run_dir: Path | None) -> tuple[ImageSet, Split]:
     """The checked images of `cfg` and their train/validation split, with the data's records written to
-    `run_dir`. Raises UserError, after writing the records, when the data cannot be used honestly."""
+    `run_dir` (None: not written, as by every process but the main one). Raises UserError, after
+    writing the records, when the data cannot be used honestly. The same data gives the same result
+    in every process."""
     survey = survey_data(cfg)
-    survey.write(run_dir)
-    survey.log_summary(run_dir)
+    if run_dir is not None:
+        survey.write(run_dir)
+        survey.log_summary(run_dir)
     refuse(survey.problems())
     return survey.fixed_split(run_dir)
 
@@ -182,11 +185,13 @@ class Survey:
         origin = np.array([self.entries[i].split for i in kept], dtype=object)
         return images, origin, self.group_of[kept]
 
-    def fixed_split(self, out_dir: Path) -> tuple[ImageSet, Split]:
-        """The kept images and the run's split, which is written to `out_dir`/split.json."""
+    def fixed_split(self, out_dir: Path | None) -> tuple[ImageSet, Split]:
+        """The kept images and the run's split, which is written to `out_dir`/split.json (if not None)."""
         cfg = self.cfg
         images, origin, groups = self.image_set()
         split = self.split(images, origin, groups)
+        if out_dir is None:
+            return images, split
         split.save(out_dir / SPLIT, images, source=cfg.source, data_path=cfg.location, train_split=cfg.train_split,
                    val_split=cfg.val_split, val_fraction=None if cfg.val_split or cfg.split_file else cfg.val_fraction,
                    seed=cfg.split_seed, split_file=cfg.split_file, n_train=len(split.train), n_val=len(split.val))
