@@ -2,7 +2,8 @@
 
     python tests/fault_injection.py SIGNAL WHEN [TIMES] -- vlfit-arguments...
 
-SIGNAL is a name (SIGKILL, SIGTERM, SIGINT); WHEN is `step:N` (inside the N-th optimizer step,
+SIGNAL is a name (SIGKILL, SIGTERM, SIGINT), or SIGKILL-ALL: run under a launcher, the main process
+kills the launcher, every process it started and itself, as losing the machine would; WHEN is `step:N` (inside the N-th optimizer step,
 after the weights changed and before anything records that step) or `fsync:N` (at the N-th fsync,
 i.e. part way through writing a checkpoint); TIMES is how often the signal is sent (default 1).
 The process signals itself, so the moment is exact and a test can repeat it.
@@ -18,16 +19,26 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 def main() -> None:
     sig_name, when, *rest = sys.argv[1:sys.argv.index("--")]
     times = int(rest[0]) if rest else 1
-    sig = signal.Signals[sig_name]
+    everything = sig_name == "SIGKILL-ALL"
+    sig = signal.SIGKILL if everything else signal.Signals[sig_name]
     kind, n = when.split(":")
     calls = 0
 
     def hit(*_args, **_kwargs) -> None:
         nonlocal calls
         calls += 1
-        if calls == int(n):
-            for _ in range(times):
-                os.kill(os.getpid(), sig)
+        if calls != int(n):
+            return
+        if everything:
+            if os.environ.get("RANK", "0") != "0":
+                return
+            import psutil
+
+            launcher = psutil.Process(os.getppid())
+            for p in [launcher, *(c for c in launcher.children() if c.pid != os.getpid())]:
+                p.kill()
+        for _ in range(times):
+            os.kill(os.getpid(), sig)
 
     if kind == "step":
         register_optimizer_step_post_hook(hit)

@@ -158,3 +158,34 @@ class AnyProcess:
 def across_processes(values: list[float]) -> list[list[float]]:
     """Each process's `values`, in process order, on every process."""
     return [list(v) for v in gather_object([list(values)])]
+
+
+class FullState:
+    """A model, or with `optimizer` that optimizer, sharded by FSDP, seen as full tensors on the CPU:
+    a checkpoint holds the same files whatever the sharding, and `vlfit eval` reads it on one device.
+    Anything else is asked of the model itself (`architecture()`, `parameters()`)."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on the main process
+        if self.optimizer is None:
+            return get_model_state_dict(self.module, options=options)
+        return get_optimizer_state_dict(self.module, self.optimizer, options=options)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True)
+        if self.optimizer is None:
+            set_model_state_dict(self.module, state, options=options)
+        else:
+            set_optimizer_state_dict(self.module, self.optimizer, state, options=options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)

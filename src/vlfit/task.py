@@ -117,6 +117,10 @@ def build_classifier(cfg: Config, classes: list[str]) -> tuple[ImageClassifier, 
     loaded = load_backbone(m.backbone, m.attn_implementation, m.trust_remote_code, with_text=cfg.needs_text)
     head_input = "embedding" if m.head == "zeroshot" else "pooled"
     classifier = ImageClassifier(loaded.backbone, len(classes), m.head_dropout, head_input)
+    if head_input == "pooled" and cfg.loss.contrastive_weight == 0:
+        # Nothing reads the joint-space projection: it never trains, so it is frozen and not counted
+        # (and DDP needs every trainable parameter to receive a gradient).
+        classifier.backbone.projection.requires_grad_(False)
     if m.head == "zeroshot":
         with torch.no_grad():
             class_emb = loaded.text.class_embeddings(classes, templates(cfg))

@@ -31,7 +31,7 @@ from vlfit.config import Config, TrainConfig, load_config, resume_differences
 from vlfit.console import EpochView, log_to_file
 from vlfit.data import ImageSet, Split, eval_transform, prepare_data, train_transform
 from vlfit.data.sources import TransformedImages
-from vlfit.distributed import AnyProcess, PerProcess, across_processes, main_decides, process_index, together
+from vlfit.distributed import AnyProcess, FullState, PerProcess, across_processes, main_decides, process_index, together
 from vlfit.errors import ConfigError, UserError
 from vlfit.evaluate import EVAL_FILE, evaluate_checkpoint, save_eval
 from vlfit.metrics import MetricsLog, RunningMetrics, TensorBoardLog, peak_memory_mb, reset_peak_memory
@@ -106,6 +106,8 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
     task = accelerator.unwrap_model(model)
     parts: dict[str, Any] = {"model": task.classifier, "optimizer": optimizer,
                              "scheduler": scheduler, "progress": progress, "nonfinite": guard}
+    if cfg.train.distributed == "fsdp":  # sharded weights and moments, saved and restored as full tensors
+        parts.update(model=FullState(task.classifier), optimizer=FullState(model, optimizer.optimizer))
     parts.update(task.extra_state())  # an EMA teacher, a text tower that trains
     if accelerator.scaler is not None:
         parts["scaler"] = accelerator.scaler
