@@ -10,6 +10,7 @@ import yaml
 from layouts import (CLASSES, Item, clean_items, hf_cache, write_csv, write_disk, write_hub_parquet,  # noqa: F401
                      write_imagefolder, write_kaggle)
 from safetensors.torch import load_file
+from test_train import TIMING
 
 from vlfit.config import DataConfig, load_config
 from vlfit.data import load_source, prepare_data
@@ -17,8 +18,6 @@ from vlfit.errors import ConfigError, UserError
 from vlfit.evaluate import evaluate_run
 from vlfit.metrics import MetricsLog
 from vlfit.train import train
-
-TIMING = {"epoch_time_s", "train_images_per_s", "peak_mem_mb"}
 
 
 def every_layout(root, items):
