@@ -5,15 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader
-
 from vlfit.checkpoint import load_checkpoint
 from vlfit.config import load_config
-from vlfit.data import eval_transform, load_source, load_split
-from vlfit.data.sources import TransformedImages
+from vlfit.data import load_source, load_split
+from vlfit.data.gpu_transforms import on_device
 from vlfit.errors import UserError
 from vlfit.task import FineTuner
-from vlfit.train import evaluate, make_accelerator
+from vlfit.train import evaluate, make_accelerator, make_loader
 
 
 def evaluate_run(run_dir: Path, which: str = "best") -> dict[str, Any]:
@@ -27,9 +25,8 @@ def evaluate_run(run_dir: Path, which: str = "best") -> dict[str, Any]:
     if images.classes != state["classes"]:
         raise UserError(f"{run_dir}: the data's classes differ from the checkpoint's")
     split = load_split(run_dir / "split.json", images)
-    val_set = TransformedImages(images.subset(split.val), eval_transform(model.backbone.preprocess))
-    loader = DataLoader(val_set, batch_size=cfg.train.eval_batch, num_workers=cfg.data.num_workers)
+    loader = make_loader(cfg, images, split.val, model.backbone.preprocess, train=False)
     task, loader = accelerator.prepare(FineTuner(model, images.classes), loader)
-    val_loss, val_acc = evaluate(task, loader, accelerator)
+    val_loss, val_acc = evaluate(task, on_device(loader), accelerator)
     return {"checkpoint": which, "epoch": state["epoch"], "val_loss": val_loss, "val_acc": val_acc,
             "recorded_val_acc": state["val_acc"], "images": len(split.val)}

@@ -29,10 +29,12 @@ from vlfit.checkpoint import save_checkpoint
 from vlfit.config import Config, TrainConfig
 from vlfit.console import EpochView, log_to_file
 from vlfit.data import ImageSet, Split, eval_transform, load_source, stratified_split, train_transform
+from vlfit.data.cache import cache_side, open_cache
+from vlfit.data.gpu_transforms import CachedImages, EvalResize, TrainAugment, batches_as_is, on_device
 from vlfit.data.sources import TransformedImages
 from vlfit.errors import UserError
 from vlfit.metrics import MetricsLog, RunningMetrics, peak_memory_mb, reset_peak_memory
-from vlfit.models import Preprocess
+from vlfit.models import ImageClassifier, Preprocess
 from vlfit.probe import feature_loaders
 from vlfit.task import build_classifier, build_task
 from vlfit.wiseft import interpolate, snapshot
@@ -65,9 +67,11 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
     else:
         train_loader, val_loader = make_loaders(cfg, images, split, classifier.backbone.preprocess)
     model = build_task(cfg, classifier, text, images.classes, cached_features=probe)
+    speed_options(classifier, cfg.train)
     trainable, total = model.parameter_counts()
     optimizer = make_optimizer(model, cfg.train, fused=accelerator.device.type == "cuda")
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    train_loader, val_loader = on_device(train_loader), on_device(val_loader)  # cached pipeline: augment on device
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accum_steps)
     total_steps = cfg.train.epochs * steps_per_epoch
     # Not handed to accelerator.prepare: the schedule is defined in optimizer steps, stepped below
@@ -180,7 +184,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         mixed_precision={"fp32": "no"}.get(precision, precision),
         gradient_accumulation_steps=cfg.accum_steps,
         # Data order becomes a function of (seed, epoch): reproducible, and the same on every process count.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # non_blocking: copies from pinned loader memory overlap with compute instead of waiting for it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
     )
 
 
@@ -189,13 +194,45 @@ def make_loaders(cfg: Config, images: ImageSet, split: Split, pre: Preprocess) -
     if len(split.train) < cfg.train.micro_batch:
         raise UserError(f"train.micro_batch: {cfg.train.micro_batch} is larger than the training split "
                         f"({len(split.train)} images)")
-    train_set = TransformedImages(images.subset(split.train), train_transform(pre, cfg.data))
-    val_set = TransformedImages(images.subset(split.val), eval_transform(pre))
-    workers = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
-    train = DataLoader(train_set, batch_size=cfg.train.micro_batch, shuffle=True, drop_last=True,
-                       generator=torch.Generator().manual_seed(cfg.train.seed), **workers)
-    val = DataLoader(val_set, batch_size=cfg.train.eval_batch, shuffle=False, **workers)
-    return train, val
+    return make_loader(cfg, images, split.train, pre, train=True), make_loader(cfg, images, split.val, pre, train=False)
+
+
+def make_loader(cfg: Config, images: ImageSet, index: np.ndarray, pre: Preprocess, train: bool) -> DataLoader:
+    """A loader over images[index]: shuffled, whole batches, augmented for training; in order with the
+    evaluation transform otherwise.
+
+    With `data.pipeline: cached`, batches hold cached uint8 pixels: pass the prepared loader through
+    `on_device` to crop, flip and normalise them on the device.
+    """
+    if cfg.data.pipeline == "cached":
+        cache = open_cache(images, cache_side(pre.image_size, cfg.data.cache_size), pre.interpolation,
+                           cfg.data.cache_dir)
+        transform = (TrainAugment(pre, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.hflip, cfg.train.seed)
+                     if train else EvalResize(pre))
+        dataset = CachedImages(cache, index, images.labels[index], transform)
+        batching = dict(collate_fn=batches_as_is)
+    else:
+        transform = train_transform(pre, cfg.data) if train else eval_transform(pre)
+        dataset = TransformedImages(images.subset(index), transform)
+        batching = {}
+    options = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                   pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu", **batching)
+    if train:
+        return DataLoader(dataset, batch_size=cfg.train.micro_batch, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(cfg.train.seed), **options)
+    return DataLoader(dataset, batch_size=cfg.train.eval_batch, shuffle=False, **options)
+
+
+def speed_options(classifier: ImageClassifier, cfg: TrainConfig) -> None:
+    """Gradient checkpointing and torch.compile of the backbone, where nearly all the compute is.
+
+    Applied after the task is built, so a masking teacher (a copy) stays eager. `Module.compile`
+    compiles in place: parameter names, and so checkpoints, are unchanged.
+    """
+    if cfg.grad_checkpointing:
+        classifier.backbone.set_grad_checkpointing(True)
+    if cfg.compile:
+        classifier.backbone.compile()
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:

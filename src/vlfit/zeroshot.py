@@ -8,8 +8,9 @@ from accelerate.utils import set_seed
 
 from vlfit.config import Config
 from vlfit.data import load_source, stratified_split
+from vlfit.data.gpu_transforms import on_device
 from vlfit.task import FineTuner, build_classifier
-from vlfit.train import evaluate, make_accelerator, make_loaders
+from vlfit.train import evaluate, make_accelerator, make_loader
 
 
 def zeroshot(cfg: Config) -> dict[str, Any]:
@@ -21,8 +22,8 @@ def zeroshot(cfg: Config) -> dict[str, Any]:
     images = load_source(cfg.data)
     split = stratified_split(images.labels, cfg.data.val_fraction, cfg.data.split_seed)
     classifier, _ = build_classifier(cfg, images.classes)
-    _, val_loader = make_loaders(cfg, images, split, classifier.backbone.preprocess)
+    val_loader = make_loader(cfg, images, split.val, classifier.backbone.preprocess, train=False)
     task, val_loader = accelerator.prepare(FineTuner(classifier, images.classes), val_loader)
-    val_loss, val_acc = evaluate(task, val_loader, accelerator)
+    val_loss, val_acc = evaluate(task, on_device(val_loader), accelerator)
     return {"backbone": cfg.model.backbone, "val_loss": val_loss, "val_acc": val_acc, "images": len(split.val),
             "classes": len(images.classes)}
