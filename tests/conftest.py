@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -45,3 +49,23 @@ def siglip_dir(tmp_path_factory) -> Path:
     SiglipModel(SiglipConfig(text_config=TINY_TEXT, vision_config=TINY_VISION)).save_pretrained(path)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+def _run_vlfit(*args) -> tuple[int, str]:
+    from vlfit.cli import main
+
+    err = io.StringIO()
+    with mock.patch.object(sys, "argv", ["vlfit", *map(str, args)]), contextlib.redirect_stderr(err), \
+            contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def run_vlfit():
+    """`run_vlfit(*args)` runs `vlfit ARGS` in this process (fast, patchable) and returns (exit code, stderr)."""
+    return _run_vlfit

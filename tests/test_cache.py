@@ -59,6 +59,17 @@ def test_built_once_then_reused_without_decoding(tmp_path):
     assert reused.path == cache.path and np.array_equal(reused.pixels, cache.pixels)
 
 
+def test_building_leaves_the_global_random_streams_alone(tmp_path):
+    # A run that builds the cache must train exactly like one that finds it (dropout, init draw from these).
+    import torch
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    open_cache(image_set(), 24, root=tmp_path, show=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_other_data_side_or_filter_is_another_entry(tmp_path):
     base = open_cache(image_set(), 24, root=tmp_path, show=False)
     variants = [image_set(seed=1), image_set(n=11), image_set(prefix="other")]

@@ -12,7 +12,8 @@ from torchvision.transforms import v2
 from vlfit.config import DataConfig
 from vlfit.data import ImageSet, eval_transform, train_transform
 from vlfit.data.cache import cache_side, open_cache
-from vlfit.data.gpu_transforms import CachedImages, EvalResize, TrainAugment, on_device, sample_crop_boxes
+from vlfit.data.gpu_transforms import CROP_DRAWS, CachedImages, EvalResize, TrainAugment, on_device, sample_crop_boxes
+from vlfit.resume import sample_uniforms
 
 CLIP_PRE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 SHAPES = [(48, 80), (80, 48), (60, 60), (100, 40)]  # (h, w): wide, tall, square, past the ratio range
@@ -29,7 +30,7 @@ def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("scale", [(0.08, 1.0), (0.5, 1.0)])
 def test_crop_boxes_follow_random_resized_crop(hw, scale):
     n, ratio = 4000, (3 / 4, 4 / 3)
-    boxes = sample_crop_boxes(torch.tensor([hw] * n), scale, ratio, torch.Generator().manual_seed(0)).long().numpy()
+    boxes = sample_crop_boxes(torch.tensor([hw] * n), scale, ratio, _uniforms(n, CROP_DRAWS)).long().numpy()
     ours = {"w": boxes[:, 2] - boxes[:, 0], "h": boxes[:, 3] - boxes[:, 1], "x0": boxes[:, 0], "y0": boxes[:, 1]}
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= hw[1]).all() and (boxes[:, 3] <= hw[0]).all()
     rrc = v2.RandomResizedCrop(16, scale=scale, ratio=ratio)
@@ -46,35 +47,46 @@ def test_crop_boxes_follow_random_resized_crop(hw, scale):
 def test_fallback_is_torchvisions_centre_crop():
     # No draw can fit a square of the whole area into a 100 x 30 image: every crop is the fallback.
     sizes = torch.tensor([[100, 30], [30, 100], [50, 50]])
-    boxes = sample_crop_boxes(sizes, (1.0, 1.0), (1.0, 1.0), torch.Generator().manual_seed(0)).long().tolist()
+    boxes = sample_crop_boxes(sizes, (1.0, 1.0), (1.0, 1.0), _uniforms(3, CROP_DRAWS)).long().tolist()
     for (h, w), box in zip(sizes.tolist(), boxes):
         p = v2.RandomResizedCrop(16, scale=(1.0, 1.0), ratio=(1.0, 1.0)).make_params([torch.zeros(3, h, w)])
         assert box == [p["left"], p["top"], p["left"] + p["width"], p["top"] + p["height"]]
 
 
-def test_draws_depend_only_on_seed_epoch_and_batch(cached_batch):
+def test_draws_depend_only_on_seed_epoch_and_image(tmp_path):
+    """A batch's crops are a function of (seed, epoch, image): not of the batch it lands in or its order."""
     pre = _pre()
-    pixels, sizes = cached_batch(pre)
-    aug = TrainAugment(pre, (0.5, 1.0), (3 / 4, 4 / 3), 0.5, seed=0)
-    a, b = aug(pixels, sizes, (1, 2)), aug(pixels, sizes, (1, 2))
-    assert a.shape == (4, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
-    assert not torch.equal(a, aug(pixels, sizes, (2, 2))) and not torch.equal(a, aug(pixels, sizes, (1, 3)))
-    assert not torch.equal(a, TrainAugment(pre, (0.5, 1.0), (3 / 4, 4 / 3), 0.5, seed=1)(pixels, sizes, (1, 2)))
+    images = ImageSet(_images(), np.arange(4), list("abcd"), [f"x{i}" for i in range(4)])
+    cache = open_cache(images, cache_side(32), root=tmp_path, show=False)
+    aug = TrainAugment(pre, (0.5, 1.0), (3 / 4, 4 / 3), 0.5)
+
+    def crops(positions, epoch=1, seed=0):
+        dataset = CachedImages(cache, np.arange(4), np.arange(4), aug, seed=seed)
+        dataset.set_epoch(epoch)
+        (pixels, sizes, u), _ = dataset.__getitems__(positions)
+        return aug(pixels, sizes, u)
+
+    a = crops([0, 1, 2, 3])
+    assert a.shape == (4, 3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, crops([0, 1, 2, 3]))
+    torch.testing.assert_close(crops([3, 1]), a[[3, 1]])
+    assert not torch.equal(a, crops([0, 1, 2, 3], epoch=2)) and not torch.equal(a, crops([0, 1, 2, 3], seed=1))
 
 
 def test_flip_mirrors_the_same_crop(cached_batch):
     pre = _pre()
     pixels, sizes = cached_batch(pre)
-    never = TrainAugment(pre, (0.5, 1.0), (3 / 4, 4 / 3), 0.0, seed=0)(pixels, sizes, (0, 0))
-    always = TrainAugment(pre, (0.5, 1.0), (3 / 4, 4 / 3), 1.0, seed=0)(pixels, sizes, (0, 0))
+    u = _uniforms(len(pixels), TrainAugment.draws)
+    never = TrainAugment(pre, (0.5, 1.0), (3 / 4, 4 / 3), 0.0)(pixels, sizes, u)
+    always = TrainAugment(pre, (0.5, 1.0), (3 / 4, 4 / 3), 1.0)(pixels, sizes, u)
     torch.testing.assert_close(always, never.flip(-1))
 
 
 def test_augmented_pixels_match_the_reference_statistically(cached_batch):
     pre, cfg, n = _pre(), DataConfig(), 300
     pixels, sizes = cached_batch(pre)
-    aug = TrainAugment(pre, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, seed=0)
-    ours = torch.stack([aug(pixels, sizes, (0, k)) for k in range(n)], 1)  # (image, draw, 3, 32, 32)
+    aug = TrainAugment(pre, cfg.crop_scale, cfg.crop_ratio, cfg.hflip)
+    draws = [torch.from_numpy(sample_uniforms(0, k, np.arange(len(pixels)), aug.draws)) for k in range(n)]
+    ours = torch.stack([aug(pixels, sizes, u) for u in draws], 1)  # (image, draw, 3, 32, 32)
     reference = train_transform(pre, cfg)
     torch.manual_seed(0)
     theirs = torch.stack([torch.stack([reference(_chw(im)) for _ in range(n)]) for im in _images()])
@@ -121,6 +133,10 @@ def test_loader_batches_come_out_augmented_on_the_device(tmp_path):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _uniforms(n: int, k: int) -> torch.Tensor:
+    return torch.from_numpy(sample_uniforms(0, 0, np.arange(n), k))
 
 
 def _pre(resize="shortest_edge"):

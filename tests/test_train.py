@@ -37,7 +37,9 @@ def test_run_directory_holds_everything(quick_run):
     for name in ("config.yaml", "split.json", "classes.txt", "metrics.jsonl", "summary.json", "train.log"):
         assert (run_dir / name).is_file(), name
     for ckpt in ("best", "last"):
-        assert {p.name for p in (run_dir / "checkpoints" / ckpt).iterdir()} == {"model.safetensors", "state.json"}
+        files = {p.name for p in (run_dir / "checkpoints" / ckpt).iterdir()}
+        assert files == {"model.safetensors", "optimizer.safetensors", "progress.safetensors", "rng.safetensors",
+                         "state.json"}
     records = MetricsLog.read(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(REQUIRED <= set(r) for r in records)
@@ -69,8 +71,8 @@ def test_checkpoint_is_safetensors_without_pickle(quick_run):
     run_dir, _ = quick_run
     weights = load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
     assert "head.weight" in weights and weights["head.weight"].shape[0] == 15
-    state = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())
-    assert state["epoch"] == 2 and len(state["classes"]) == 15
+    meta = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())["meta"]
+    assert meta["epoch"] == 2 and len(meta["classes"]) == 15
 
 
 def test_same_seed_same_metrics(quick_run, tmp_path_factory):
@@ -101,3 +103,14 @@ def test_reference_pipeline_trains_without_a_cache(tmp_path_factory):
                                                           f"data.cache_dir={cache_dir}"])
     assert summary["epochs"] == 1 and 0 <= summary["best_val_acc"] <= 1
     assert list(cache_dir.iterdir()) == []
+
+
+def test_training_loop_learns(tmp_path_factory):
+    """From random weights, the loop drives the training loss down and accuracy above chance."""
+    run_dir, summary = run(tmp_path_factory, "learns", [
+        "data.num_images=150", "data.image_size=64", "train.epochs=8", "train.micro_batch=16", "train.lr=2e-3",
+        "data.crop_scale=[0.9, 1.0]", "data.hflip=0"])
+    records = MetricsLog.read(run_dir / "metrics.jsonl")
+    chance = 1 / 15
+    assert records[-1]["train_loss"] < records[0]["train_loss"] - 0.1
+    assert records[-1]["train_acc"] > 2 * chance and summary["best_val_acc"] > chance

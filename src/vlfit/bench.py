@@ -214,17 +214,20 @@ def _vlfit_side(cfg_dict: dict[str, Any], data_dir: str, cache_dir: str, opts: B
     import torch
     from accelerate.utils import set_seed
 
+    from vlfit.checkpoint import Checkpoints
     from vlfit.config import Config
     from vlfit.console import EpochView
+    from vlfit.data.loaders import make_loaders
     from vlfit.data.gpu_transforms import on_device
     from vlfit.data.split import Split
-    from vlfit.metrics import peak_memory_mb, reset_peak_memory
+    from vlfit.metrics import RunningMetrics, TensorBoardLog, peak_memory_mb, reset_peak_memory
+    from vlfit.resilience import GracefulStop, NonFiniteGuard, Safeguards
+    from vlfit.resume import Progress, epoch_batches
     from vlfit.task import build_classifier, build_task
     from vlfit.train import (
         device_name,
         has_fused_adamw,
         make_accelerator,
-        make_loaders,
         make_optimizer,
         speed_options,
         train_one_epoch,
@@ -256,20 +259,26 @@ def _vlfit_side(cfg_dict: dict[str, Any], data_dir: str, cache_dir: str, opts: B
     train_loader, _ = make_loaders(cfg, images, split, pre)
     prepare_s = time.perf_counter() - start
     model, optimizer, train_loader = accelerator.prepare(task, optimizer, train_loader)
-    train_loader = on_device(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    view = EpochView(enabled=False)
+
+    def epoch(batches) -> tuple[float, int]:
+        """(seconds, images) of one pass of the real training loop, its per-step safeguards included."""
+        progress = Progress(RunningMetrics(device))
+        guard = NonFiniteGuard(cfg.train.nonfinite_patience, scaler=accelerator.scaler is not None)
+        safeguards = Safeguards(Checkpoints(Path(cache_dir) / "checkpoints"), {}, {}, guard, GracefulStop(), None)
+        tb = TensorBoardLog(Path(cache_dir), enabled=False)
+        train_one_epoch(model, batches, optimizer, scheduler, accelerator, cfg.train, progress,
+                        EpochView(enabled=False), safeguards, tb, 10**9)
+        return progress.epoch_seconds, progress.running.count
+
     reset_peak_memory(device)
-    epochs = [train_one_epoch(model, train_loader, optimizer, scheduler, accelerator, cfg.train, view, 10**9)
-              for _ in range(opts.epochs)]
+    epochs = [epoch(on_device(epoch_batches(accelerator, train_loader, e))) for e in range(1, opts.epochs + 1)]
     e2e_mem, mem_kind = peak_memory_mb(device)
 
     # (a) the step alone, on tensors already on the device.
     reset_peak_memory(device)
-    batches = [(x, y)]
-    train_one_epoch(model, batches * opts.warmup, optimizer, scheduler, accelerator, cfg.train, view, 10**9)
-    _, _, seconds, seen = train_one_epoch(model, batches * opts.steps, optimizer, scheduler, accelerator, cfg.train,
-                                          view, 10**9)
+    epoch([(x, y)] * opts.warmup)
+    seconds, seen = epoch([(x, y)] * opts.steps)
     step_mem, _ = peak_memory_mb(device)
     step_rate = seen / seconds
     last = epochs[-1]
@@ -283,8 +292,8 @@ def _vlfit_side(cfg_dict: dict[str, Any], data_dir: str, cache_dir: str, opts: B
                  "peak_mem_mb": step_mem, "mem_kind": mem_kind},
         "pipeline": cfg.data.pipeline, "loader_workers": cfg.data.num_workers,
         "cache_build_s" if cfg.data.pipeline == "cached" else "loader_setup_s": prepare_s,
-        "epoch_s": [e[2] for e in epochs], "images_per_s": last[3] / last[2],
-        "first_epoch_images_per_s": epochs[0][3] / epochs[0][2],
+        "epoch_s": [e[0] for e in epochs], "images_per_s": last[1] / last[0],
+        "first_epoch_images_per_s": epochs[0][1] / epochs[0][0],
         "peak_mem_mb": e2e_mem, "mem_kind": mem_kind,
     }
 

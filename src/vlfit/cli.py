@@ -29,23 +29,36 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @overrides_option
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the run (default: runs/NAME-TIMESTAMP).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
-def train(config: Path, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool) -> None:
-    """Train and evaluate every epoch, as CONFIG (YAML) says."""
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), metavar="RUN_DIR",
+              help="Continue the run in RUN_DIR from its newest good checkpoint (CONFIG is then optional).")
+def train(config: Path | None, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool,
+          resume_dir: Path | None) -> None:
+    """Train and evaluate every epoch, as CONFIG (YAML) says, or continue a run with --resume."""
     from vlfit.config import load_config
 
-    cfg = load_config(config, list(overrides))
-    run_dir = run_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    prepare_run_dir(run_dir, overwrite)
+    if resume_dir is not None:
+        if overwrite or (run_dir is not None and run_dir != resume_dir):
+            raise UserError("--resume RUN_DIR continues that run in place; it cannot be combined with "
+                            "--overwrite or another --run-dir")
+        if not (resume_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {resume_dir} is not a vlfit run directory (no config.yaml)")
+        run_dir = resume_dir
+    elif config is None:
+        raise UserError("missing CONFIG: give a config file, or --resume RUN_DIR to continue a run")
+    cfg = load_config(config if config is not None else run_dir / "config.yaml", list(overrides))
+    if resume_dir is None:
+        run_dir = run_dir or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        prepare_run_dir(run_dir, overwrite)
     setup_logging()
 
     from vlfit.train import train as run_training
 
-    summary = run_training(cfg, run_dir)
+    summary = run_training(cfg, run_dir, resume=resume_dir is not None)
     click.echo(f"best val_acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), "
                f"mean epoch {summary['mean_epoch_time_s']:.1f} s, peak memory {summary['peak_mem_mb']:.0f} MB "
                f"({summary['mem_kind']}); run in {run_dir}")
@@ -78,13 +91,137 @@ def zeroshot(config: Path, overrides: tuple[str, ...]) -> None:
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
-def eval_(run_dir: Path, checkpoint: str) -> None:
-    """Reload a run's checkpoint and score it on the run's validation split."""
+@click.option("--data", "data", multiple=True, metavar="KEY=VALUE",
+              help="Score other data: override the run's data section, e.g. --data seed=1 (repeatable). "
+                   "Every image of that data is scored; none may be one the run trained on.")
+def eval_(run_dir: Path, checkpoint: str, data: tuple[str, ...]) -> None:
+    """Score a run's checkpoint: accuracy, top-5, macro F1, per-class accuracy, confusion matrix."""
     from vlfit.evaluate import evaluate_run
 
-    r = evaluate_run(run_dir, checkpoint)
-    click.echo(f"{checkpoint} checkpoint (epoch {r['epoch']}): val_acc {r['val_acc']:.4f} "
-               f"(recorded {r['recorded_val_acc']:.4f}), val_loss {r['val_loss']:.4f}, {r['images']} images")
+    setup_logging()
+    r = evaluate_run(run_dir, checkpoint, list(data))
+    where = "its validation split" if not data else f"data {' '.join(data)}"
+    click.echo(f"{checkpoint} checkpoint (epoch {r['epoch']}) on {where}, {r['images']} images:")
+    # A checkpoint taken part way through an epoch has no recorded validation score.
+    recorded = "n/a" if r["recorded_val_acc"] is None else f"{r['recorded_val_acc']:.4f}"
+    click.echo(f"  val_acc {r['val_acc']:.4f} (recorded {recorded}), top-{r['top_k']} "
+               f"{r['top5_acc']:.4f}, macro F1 {r['macro_f1']:.4f}, val_loss {r['val_loss']:.4f}")
+    width = max(len(c["class"]) for c in r["per_class"])
+    click.echo(f"  {'class'.ljust(width)}  images  accuracy  precision      f1")
+    for c in r["per_class"]:
+        cells = [f"{c[k]:.3f}" if c[k] is not None else "-" for k in ("accuracy", "precision", "f1")]
+        click.echo(f"  {c['class'].ljust(width)}  {c['support']:6d}  {cells[0]:>8}  {cells[1]:>9}  {cells[2]:>6}")
+    click.echo(f"written to {r['path']} (with the confusion matrix)")
+
+
+@cli.group()
+def data() -> None:
+    """Look at a dataset before training on it."""
+
+
+@data.command("inspect")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@overrides_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the data records and samples.png (default: runs/NAME-data).")
+@click.option("--per-class", default=8, show_default=True, type=click.IntRange(1, 64),
+              help="Sample images per class in samples.png.")
+def inspect(config: Path, overrides: tuple[str, ...], out: Path | None, per_class: int) -> None:
+    """Check CONFIG's data as training would: classes, counts, duplicates, bad files, sizes, sample grid.
+
+    Exits 2 after the report when a training run would refuse the data."""
+    from vlfit.config import load_config
+    from vlfit.data.inspect import inspect_data
+    from vlfit.data.prepare import refuse
+
+    cfg = load_config(config, list(overrides))
+    setup_logging()
+    refuse(inspect_data(cfg.data, out or Path("runs") / f"{cfg.name}-data", per_class))
+
+
+@cli.command()
+@click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@overrides_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/compare"),
+              show_default=True, help="Folder for the runs (OUT/NAME) and the report (OUT/report).")
+def compare(configs: tuple[Path, ...], overrides: tuple[str, ...], out: Path) -> None:
+    """Train each CONFIG on the same data split, skipping finished runs, then write the report."""
+    from vlfit.compare import compare as run_compare
+
+    setup_logging()
+    print_summary(run_compare(list(configs), list(overrides), out, say=click.echo))
+
+
+@cli.command()
+@overrides_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+              show_default=True, help="Folder for the runs and the report.")
+def demo(overrides: tuple[str, ...], out: Path) -> None:
+    """Compare every config in configs/demo/ offline on synthetic-har (CLIP, SigLIP, ...)."""
+    from vlfit.compare import compare as run_compare
+    from vlfit.compare import demo_configs
+
+    setup_logging()
+    configs = demo_configs()
+    click.echo("demo: " + ", ".join(str(c) for c in configs))
+    print_summary(run_compare(configs, list(overrides), out, say=click.echo))
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Report folder (default: REPORT beside the runs, or inside the one folder of runs named).")
+def report(run_dirs: tuple[Path, ...], out: Path | None) -> None:
+    """Rebuild the comparison report from finished RUN_DIRS alone (or from a folder of runs)."""
+    from vlfit.report import build_report, expand_run_dirs
+
+    setup_logging()
+    runs = expand_run_dirs(list(run_dirs))
+    if out is None:
+        parents = {p.parent for p in runs}
+        out = (parents.pop() if len(parents) == 1 else Path(".")) / "report"
+    click.echo(f"report: {build_report(runs, out)}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes to show per image.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the predictions to this CSV file (path, rank, class, probability) instead of printing them.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
+def predict(run_dir: Path, images: tuple[Path, ...], top_k: int, csv_path: Path | None, checkpoint: str) -> None:
+    """Classify IMAGES (files or folders) with a trained run: top-k classes and probabilities."""
+    from vlfit.predict import predict as run_predict
+    from vlfit.predict import write_csv
+
+    setup_logging()
+    predictions = run_predict(run_dir, list(images), top_k, checkpoint)
+    if csv_path is not None:
+        rows = list(predictions)
+        write_csv(rows, csv_path)
+        click.echo(f"{len(rows)} images: predictions in {csv_path}")
+        return
+    for p in predictions:
+        click.echo(f"{p.path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
+
+
+def print_summary(report: Path) -> None:
+    """The report's headline numbers as a table on the console, then where the report is."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = json.loads((report.parent / "summary.json").read_text())["runs"]
+    table = Table("model", title="comparison (speed and memory relative to the first)", title_justify="left")
+    for title in ("best val acc", "epoch", "images/s", "speed", "peak mem (MB)", "memory"):
+        table.add_column(title, justify="right")
+    for r in rows:
+        table.add_row(r["model"], f"{r['best_val_acc']:.3f}", str(r["best_epoch"]), f"{r['train_images_per_s']:.1f}",
+                      f"{r['speed_vs_first']:.2f}x", f"{r['peak_mem_mb']:.0f}", f"{r['memory_vs_first']:.2f}x")
+    Console().print(table)
+    click.echo(f"report: {report}")
 
 
 @cli.command()
@@ -144,6 +281,10 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 def setup_logging() -> None:
     """Warnings and worse to the console; the run's own log file is written by the training loop."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    # On the handler too: the run's log file lowers vlfit's logger to INFO, and those records must
+    # reach the file, not the console under the epoch table.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
     # transformers' own weight-loading reports and bars would drown the epoch table.
     from transformers.utils import logging as hf_logging
 
@@ -163,7 +304,7 @@ def main() -> None:
         err.show()
         sys.exit(err.exit_code)
     except UserError as err:
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"{err.prefix}: {err}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from vlfit.errors import ConfigError
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo must not silently fall back to a default. NaN and infinity are
+    # never a meaningful setting (lr: .inf would pass `gt=0`).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraConfig(_Section):
@@ -79,17 +80,39 @@ class WiseFtConfig(_Section):
         return v
 
 
+HAR_HUB_ID = "Bingsu/Human_Action_Recognition"
+# Pillow's own decompression-bomb thresholds: it warns above the first and refuses above the second.
+PIL_MAX_PIXELS, PIL_HARD_MAX_PIXELS = 89_478_485, 178_956_970
+
+
 class DataConfig(_Section):
-    source: Literal["synthetic-har"] = "synthetic-har"  # where images come from
+    # where images come from: synthetic-har, hub, parquet, disk (save_to_disk), kaggle, imagefolder, csv
+    source: Literal["synthetic-har", "hub", "parquet", "disk", "kaggle", "imagefolder", "csv"] = "synthetic-har"
+    path: str | None = None  # hub id (default: HAR), parquet file/glob/folder, or the folder/CSV of the layout
+    revision: str | None = None  # hub: branch, tag or commit
+    train_split: str = "train"  # split to train on, and to hold validation out of unless val_split is set
+    val_split: str | None = None  # labelled split to validate on instead of a hold-out; refused if labels unusable
+    image_column: str | None = None  # hub/parquet/disk: image column (null: the one Image column)
+    label_column: str | None = None  # hub/parquet/disk: label column (null: the ClassLabel column, else label(s))
+    classes: list[str] | None = None  # class names in label order (null: ClassLabel names, else sorted label names)
     num_images: int = Field(2000, ge=30)  # synthetic-har: how many images to generate
     image_size: int = Field(96, ge=16, le=1024)  # synthetic-har: side of the generated images
-    seed: int = 0  # synthetic-har: generator seed
+    seed: int = Field(0, ge=0)  # synthetic-har: generator seed
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # stratified share held out for validation
     split_seed: int = 42  # seed of the stratified split
+    split_file: str | None = None  # a split.json (image ids or names) to use instead of making one
+    exact_duplicates: Literal["group", "drop"] = "group"  # identical images: all on one side of the split, or one kept
+    # near duplicates (pHash and dHash both within this many of their 64 bits) stay on one side; null: off
+    near_duplicate_distance: int | None = Field(5, ge=0, le=32)
+    strict: bool = False  # any unusable image or row stops the run instead of being skipped
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)  # stop when a larger share of the images is unusable
+    min_image_size: int = Field(16, ge=1)  # images with a shorter side are skipped
+    # larger images are skipped before decoding (decompression bombs); Pillow refuses above its hard limit anyway
+    max_image_pixels: int = Field(PIL_MAX_PIXELS, ge=1, le=PIL_HARD_MAX_PIXELS)
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
     hflip: float = Field(0.5, ge=0.0, le=1.0)  # horizontal-flip probability
-    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+    num_workers: int = Field(0, ge=0)  # worker processes that decode images: the load-time check and the DataLoader
     # "cached" is the default: it decodes each image once into an on-disk cache and crops, flips and
     # normalises whole batches on the training device, so JPEG decoding stops bounding a GPU's speed;
     # its crops follow torchvision's RandomResizedCrop distribution (tests/test_gpu_transforms.py).
@@ -112,11 +135,38 @@ class DataConfig(_Section):
             raise ValueError(f"a crop cannot cover more than the whole image: high must be <= 1, got {v[1]}")
         return v
 
+    @field_validator("classes")
+    @classmethod
+    def _classes_distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (len(v) < 2 or len(set(v)) != len(v)):
+            raise ValueError("must name at least two classes, each once")
+        return v
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> DataConfig:
+        if self.source == "synthetic-har":
+            for key in ("path", "val_split", "split_file"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"data.{key}: not used by source synthetic-har")
+        elif self.source != "hub" and self.path is None:
+            raise ValueError(f"data.path: source {self.source} needs a path")
+        if self.val_split is not None and self.val_split == self.train_split:
+            raise ValueError("data.val_split: must differ from data.train_split")
+        if self.val_split is not None and self.split_file is not None:
+            raise ValueError("data.split_file: cannot be combined with data.val_split")
+        return self
+
+    @property
+    def location(self) -> str:
+        """What `path` means once defaults apply: the hub source defaults to the HAR dataset."""
+        return self.path or (HAR_HUB_ID if self.source == "hub" else self.source)
+
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)  # passes over the training split
-    micro_batch: int = Field(64, ge=1)  # images per forward/backward
+    micro_batch: int | Literal["auto"] = 64  # images per forward/backward; auto: the largest that fits the GPU
     accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step: effective batch = micro_batch x accum_steps
+    effective_batch: int | None = Field(None, ge=1, validate_default=True)  # images per step; needed by auto
     eval_batch: int = Field(256, ge=1)  # images per evaluation forward (no gradients, so larger)
     lr: float = Field(1e-3, gt=0.0)  # peak learning rate after warmup
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # cosine floor as a fraction of lr
@@ -131,6 +181,41 @@ class TrainConfig(_Section):
     seed: int = 0  # seeds weights, data order and augmentation
     compile: bool = False  # torch.compile the backbone (slow first steps, faster after)
     grad_checkpointing: bool = False  # recompute encoder activations in the backward pass: less memory, ~30% slower
+    checkpoint_every: int | None = Field(None, ge=1)  # also checkpoint every N optimizer steps (null: epoch ends only)
+    nonfinite_patience: int = Field(10, ge=1)  # fp16: consecutive non-finite-loss steps tolerated before stopping
+
+    @field_validator("micro_batch", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, v: Any) -> Any:
+        # One message instead of pydantic's one-per-union-member.
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be a positive integer or 'auto' (got {v!r})")
+
+    @field_validator("effective_batch")
+    @classmethod
+    def _batch_sizes_agree(cls, v: int | None, info: ValidationInfo) -> int | None:
+        micro, accum = info.data.get("micro_batch"), info.data.get("accum_steps")
+        if micro is None or accum is None:  # already reported as invalid
+            return v
+        if micro == "auto":
+            if v is None:
+                raise ValueError("micro_batch: auto needs effective_batch, the images per optimizer step to keep")
+            if accum != 1:
+                raise ValueError(f"with micro_batch: auto, accum_steps is derived from effective_batch; "
+                                 f"remove accum_steps (got {accum})")
+        elif v is not None and v != micro * accum:
+            raise ValueError(f"must equal micro_batch x accum_steps = {micro} x {accum} = {micro * accum} (got {v})")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_fits_precision(cls, v: str, info: ValidationInfo) -> str:
+        if v == "cpu" and info.data.get("precision") == "fp16":
+            raise ValueError("fp16 (with its gradient scaler) needs a CUDA device; on the CPU use fp32 or bf16")
+        return v
 
     @field_validator("betas")
     @classmethod
@@ -173,6 +258,29 @@ class Config(_Section):
     def to_yaml(self) -> str:
         """The resolved config as YAML that `load_config` reads back to an equal Config."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Settings a resumed run may change: they alter how it runs, not what it computes (augmentation is
+# seeded per image, so the number of loader workers does not change a single pixel; a moved image
+# cache holds the same pixels).
+RESUME_MAY_CHANGE = frozenset({"name", "data.num_workers", "data.cache_dir"})
+
+
+def resume_differences(saved: Config, new: Config) -> list[str]:
+    """One line 'key: saved -> new' per setting that differs and would change a resumed run's results."""
+    old, now = _flat(saved.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    return [f"{k}: {old.get(k)!r} in the run, {now.get(k)!r} now" for k in sorted(old.keys() | now.keys())
+            if old.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -247,6 +355,9 @@ def _describe(err: ValidationError) -> list[str]:
             problems.append(f"{key}: unknown key{_suggest(loc)}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "value_error" and msg.startswith(key + "."):  # a cross-key check that names its own key
+            problems.append(msg)
+            continue
         got = e.get("input")
         shown = "" if isinstance(got, dict) or e["type"] == "value_error" else f" (got {got!r})"
         problems.append(f"{key}: {msg}{shown}")

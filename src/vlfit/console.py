@@ -58,10 +58,11 @@ class EpochView:
         if self._live is not None:
             self._live.__exit__(*exc)
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        """Show a bar for `epoch`; `done` batches of it were trained before a resume."""
         if self._task is not None:
             self.progress.remove_task(self._task)
-        self._task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, info="")
+        self._task = self.progress.add_task(f"epoch {epoch}/{epochs}", total=steps, completed=done, info="")
 
     def advance(self, info: str = "") -> None:
         if self.live_mode:

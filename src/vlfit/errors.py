@@ -7,6 +7,7 @@ class UserError(Exception):
     """A problem with the user's config, data, paths or machine, explained in plain words."""
 
     exit_code = 2
+    prefix = "error"  # how the CLI introduces the message
 
 
 class ConfigError(UserError):

@@ -35,6 +35,14 @@ class RunningMetrics:
             return float("nan"), float("nan")
         return self.loss_sum.item() / self.count, self.correct.item() / self.count
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum.copy_(state["loss_sum"])
+        self.correct.copy_(state["correct"])
+        self.count = state["count"]
+
 
 class DeviceTimer:
     """Accumulates the time spent in timed blocks without making the host wait on a GPU.
@@ -93,6 +101,62 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace the file by `records`: a resumed run drops lines written after its checkpoint."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(self.path)
+
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class TensorBoardLog:
+    """TensorBoard event files in the run directory, beside metrics.jsonl: the training loss and
+    learning rate per optimizer step (`train/loss`, `train/lr`) and every number of each
+    metrics.jsonl record per epoch (`epoch/<key>`), all against the optimizer step.
+
+    Step losses stay on the device until `log_epoch`, so logging adds no host sync to a step.
+    `step` counts optimizer steps; a resumed run sets it to the steps already taken.
+    """
+
+    def __init__(self, log_dir: Path, enabled: bool = True, step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter  # imports TensorFlow's protobufs: only when a run starts
+
+        self.writer = SummaryWriter(str(log_dir)) if enabled else None
+        self.step = step
+        self._micro: list[torch.Tensor] = []  # losses of the current optimizer step's micro-batches
+        self._steps: list[tuple[int, torch.Tensor, float]] = []  # (step, mean loss, lr) not yet written
+
+    def __enter__(self) -> TensorBoardLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def log_step(self, loss: torch.Tensor, lr: float, optimizer_stepped: bool) -> None:
+        self._micro.append(loss.detach().float())
+        if optimizer_stepped:
+            self.step += 1
+            self._steps.append((self.step, torch.stack(self._micro).mean(), lr))
+            self._micro = []
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            self._steps = []
+            return
+        losses = torch.stack([loss for _, loss, _ in self._steps]).tolist() if self._steps else []
+        for (step, _, lr), loss in zip(self._steps, losses):
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+        self._steps = []
+        at = record.get("step", self.step)
+        for key, value in record.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"epoch/{key}", value, at)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -82,6 +82,15 @@ class FineTuner(nn.Module):
         if isinstance(self.masker, AttentiveMasking):
             self.masker.update_teacher(self.classifier.backbone, progress)
 
+    def extra_state(self) -> dict[str, nn.Module]:
+        """Stateful parts beyond the classifier that a checkpoint must hold for an exact resume."""
+        parts: dict[str, nn.Module] = {}
+        if isinstance(self.masker, AttentiveMasking):
+            parts["teacher"] = self.masker.teacher
+        if self.text is not None and self.train_text:
+            parts["text"] = self.text
+        return parts
+
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters of what the run trains: classifier and, if used, text tower
         (a masking teacher is a copy, not counted)."""

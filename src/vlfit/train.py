@@ -19,48 +19,59 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vlfit import __version__
-from vlfit.checkpoint import save_checkpoint
-from vlfit.config import Config, TrainConfig
+from vlfit.checkpoint import Checkpoints, read_checkpoint, restore_parts
+from vlfit.config import Config, TrainConfig, load_config, resume_differences
 from vlfit.console import EpochView, log_to_file
-from vlfit.data import ImageSet, Split, eval_transform, load_source, stratified_split, train_transform
-from vlfit.data.cache import cache_side, open_cache
-from vlfit.data.gpu_transforms import CachedImages, EvalResize, TrainAugment, batches_as_is, on_device
-from vlfit.data.sources import TransformedImages
-from vlfit.errors import UserError
-from vlfit.metrics import MetricsLog, RunningMetrics, peak_memory_mb, reset_peak_memory
-from vlfit.models import ImageClassifier, Preprocess
+from vlfit.data import prepare_data
+from vlfit.data.gpu_transforms import on_device
+from vlfit.data.loaders import make_loader, make_loaders
+from vlfit.errors import ConfigError, UserError
+from vlfit.evaluate import EVAL_FILE, evaluate_checkpoint, save_eval
+from vlfit.metrics import MetricsLog, RunningMetrics, TensorBoardLog, peak_memory_mb, reset_peak_memory
+from vlfit.models import ImageClassifier
 from vlfit.probe import feature_loaders
+from vlfit.resilience import GracefulStop, NonFiniteGuard, Safeguards, explain_oom, resolve_micro_batch
+from vlfit.resume import Progress, RNGState, epoch_batches, rng_untouched
 from vlfit.task import build_classifier, build_task
 from vlfit.wiseft import interpolate, snapshot
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Config, run_dir: Path, show: bool = True) -> dict[str, Any]:
-    """Train `cfg` into `run_dir` (which must exist and be empty) and return the run's summary."""
+def train(cfg: Config, run_dir: Path, show: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Train `cfg` into `run_dir` and return the run's summary.
+
+    A new run needs `run_dir` to exist and be empty. With `resume`, `run_dir` holds a run of the
+    same config, which continues from its newest good checkpoint (from the start if it has none)
+    and finishes with exactly the metrics and weights it would have had without the interruption.
+    """
+    if resume:
+        cfg = check_resumable(cfg, run_dir)
     with log_to_file(run_dir / "train.log"):
-        return _train(cfg, run_dir, show)
+        return _train(cfg.model_copy(deep=True), run_dir, show, resume)
 
 
-def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
+def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, Any]:
     # ---- setup
     accelerator = make_accelerator(cfg.train)
+    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.checkpoint_every, accelerator.is_main_process)
+    start_from = checkpoints.newest_good() if resume else None
     set_seed(cfg.train.seed)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    images = load_source(cfg.data)
-    split = stratified_split(images.labels, cfg.data.val_fraction, cfg.data.split_seed)
-    split.save(run_dir / "split.json", images, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
-    (run_dir / "classes.txt").write_text("\n".join(images.classes) + "\n")
+    images, split = prepare_data(cfg.data, run_dir)  # checks every image; writes split.json, classes.txt, reports
 
     classifier, text = build_classifier(cfg, images.classes)
     zero_shot = snapshot(classifier) if cfg.wise_ft.alphas else None
+    recorded = (start_from[1]["meta"]["micro_batch"], start_from[1]["meta"]["accum_steps"]) if start_from else None
+    cfg.train = resolve_micro_batch(cfg.train, classifier, accelerator, recorded)
+    accelerator.gradient_accumulation_steps = cfg.train.accum_steps
     probe = cfg.model.finetune == "linear_probe"
     if probe:
         train_loader, val_loader = feature_loaders(cfg, classifier, images, split, accelerator)
@@ -71,7 +82,7 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
     trainable, total = model.parameter_counts()
     optimizer = make_optimizer(model, cfg.train, fused=has_fused_adamw(accelerator.device))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    train_loader, val_loader = on_device(train_loader), on_device(val_loader)  # cached pipeline: augment on device
+    val_loader = on_device(val_loader)  # the cached pipeline resizes and normalises on the device
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accum_steps)
     total_steps = cfg.train.epochs * steps_per_epoch
     # Not handed to accelerator.prepare: the schedule is defined in optimizer steps, stepped below
@@ -84,37 +95,55 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
              "%s trainable of %s parameters", device_name(accelerator.device), accelerator.mixed_precision,
              len(split.train), len(split.val), len(images.classes), total_steps, f"{trainable:,}", f"{total:,}")
 
-    # ---- loop
+    # ---- state: everything a checkpoint holds, by name. A new stateful part (an EMA teacher, ...)
+    # is one more entry; it needs only state_dict() and load_state_dict().
+    progress = Progress(RunningMetrics(accelerator.device))
+    guard = NonFiniteGuard(cfg.train.nonfinite_patience, scaler=accelerator.scaler is not None)
+    task = accelerator.unwrap_model(model)
+    parts: dict[str, Any] = {"model": task.classifier, "optimizer": optimizer,
+                             "scheduler": scheduler, "progress": progress, "nonfinite": guard}
+    parts.update(task.extra_state())  # an EMA teacher, a text tower that trains
+    if accelerator.scaler is not None:
+        parts["scaler"] = accelerator.scaler
+    parts["rng"] = RNGState()  # last: restoring it must follow everything else that draws random numbers
+    if start_from is not None:
+        restore_parts(parts, *read_checkpoint(start_from[0]))
+        log.info("resumed from %s: epoch %d, %d batches into it, step %d", start_from[0], progress.epoch,
+                 progress.batches_done, progress.step)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    history: list[dict[str, Any]] = []
-    best_acc = -1.0
-    with EpochView(enabled=show) as view:
-        for epoch in range(1, cfg.train.epochs + 1):
+    metrics.rewrite(progress.history)  # drops lines written after the checkpoint the run resumed from
+    meta = {"classes": images.classes, "config": cfg.model_dump(mode="json"), "micro_batch": cfg.train.micro_batch,
+            "accum_steps": cfg.train.accum_steps, "architecture": parts["model"].architecture()}
+
+    # ---- loop
+    tensorboard = TensorBoardLog(run_dir, accelerator.is_main_process, step=progress.step)
+    with GracefulStop() as stop, EpochView(enabled=show) as view, tensorboard as tb:
+        safeguards = Safeguards(checkpoints, parts, meta, guard, stop, run_dir)
+        for epoch in range(progress.epoch, cfg.train.epochs + 1):
             reset_peak_memory(accelerator.device)
-            view.start_epoch(epoch, cfg.train.epochs, len(train_loader))
-            train_loss, train_acc, train_time, n_seen = train_one_epoch(
-                model, train_loader, optimizer, scheduler, accelerator, cfg.train, view, total_steps)
-            val_loss, val_acc = evaluate(model, val_loader, accelerator)
+            view.start_epoch(epoch, cfg.train.epochs, len(train_loader), done=progress.batches_done)
+            batches = on_device(epoch_batches(accelerator, train_loader, epoch, skip=progress.batches_done))
+            with explain_oom(cfg.train, "training"):
+                train_loss, train_acc = train_one_epoch(model, batches, optimizer, scheduler, accelerator,
+                                                        cfg.train, progress, view, safeguards, tb, total_steps)
+            with explain_oom(cfg.train, "evaluation"):
+                val_loss, val_acc = evaluate(model, val_loader, accelerator)
             peak_mb, mem_kind = peak_memory_mb(accelerator.device)
             record = {
                 "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                "val_loss": val_loss, "val_acc": val_acc, "epoch_time_s": train_time,
-                "train_images_per_s": n_seen / train_time, "peak_mem_mb": peak_mb, "mem_kind": mem_kind,
-                "lr": scheduler.get_last_lr()[0], "step": epoch * steps_per_epoch,
-                **accelerator.unwrap_model(model).epoch_stats(),
+                "val_loss": val_loss, "val_acc": val_acc, "epoch_time_s": progress.epoch_seconds,
+                "train_images_per_s": progress.running.count / progress.epoch_seconds, "peak_mem_mb": peak_mb,
+                "mem_kind": mem_kind, "lr": scheduler.get_last_lr()[0], "step": progress.step,
+                "skipped_steps": guard.skipped, **task.epoch_stats(),
             }
-            history.append(record)
+            best = val_acc > max((r["val_acc"] for r in progress.history), default=-1.0)
+            progress.finish_epoch(record)
+            safeguards.save(progress, best=best)
             metrics.append(record)
+            tb.log_epoch(record)
             view.add_row(record)
             log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
-
-            state = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss, "classes": images.classes,
-                     "config": cfg.model_dump(mode="json")}
-            unwrapped = accelerator.unwrap_model(model).classifier
-            save_checkpoint(run_dir / "checkpoints" / "last", unwrapped, state)
-            if val_acc > best_acc:
-                best_acc = val_acc
-                save_checkpoint(run_dir / "checkpoints" / "best", unwrapped, state)
+            stop.raise_if_requested(run_dir, f"after epoch {epoch}")
 
     # ---- WiSE-FT: the fine-tuned weights mixed back toward the zero-shot model
     if zero_shot is not None:
@@ -122,50 +151,85 @@ def _train(cfg: Config, run_dir: Path, show: bool) -> dict[str, Any]:
         (run_dir / "wise_ft.json").write_text(json.dumps(wise, indent=1) + "\n")
 
     # ---- summary
-    summary = summarize(history, cfg, accelerator, trainable, total)
+    summary = summarize(progress.history, cfg, accelerator, trainable, total)
+    # Per-class numbers and the confusion matrix of the best checkpoint, for reports; before
+    # summary.json, whose presence says the run finished.
+    pixel_loader = on_device(accelerator.prepare(make_loader(cfg, images, split.val, classifier.backbone.preprocess,
+                                                             train=False))) if probe else val_loader  # a linear probe validated on cached features; the checkpoint reads images
+    save_eval(run_dir / EVAL_FILE, evaluate_checkpoint(checkpoints.root / "best", pixel_loader, accelerator))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log.info("best val_acc %.4f at epoch %d; summary in %s", summary["best_val_acc"], summary["best_epoch"],
              run_dir / "summary.json")
     return summary
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, accelerator: Accelerator, cfg: TrainConfig,
-                    view: EpochView, total_steps: int) -> tuple[float, float, float, int]:
-    """One pass over `loader`; returns (mean loss, accuracy, seconds, images seen)."""
+def train_one_epoch(model, batches, optimizer, scheduler, accelerator: Accelerator, cfg: TrainConfig,
+                    progress: Progress, view: EpochView, safeguards: Safeguards, tb: TensorBoardLog,
+                    total_steps: int) -> tuple[float, float]:
+    """Train on `batches`, the rest of epoch `progress.epoch`, keeping `progress` current; between
+    optimizer steps `safeguards` check the loss, checkpoint when due and stop on a signal.
+    Returns the epoch's (mean loss, accuracy), counting any part done before a resume."""
     model.train()
     task = accelerator.unwrap_model(model)
-    running = RunningMetrics(accelerator.device)
-    start = time.perf_counter()
-    for pixels, labels in loader:
+    clock = time.perf_counter() - progress.epoch_seconds  # seconds spent writing checkpoints do not count
+    for pixels, labels in batches:
+        grad_norm = None
         with accelerator.accumulate(model):
             out = model(pixels, labels)
             accelerator.backward(out["loss"])
             if accelerator.sync_gradients and cfg.grad_clip is not None:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
                 task.after_optimizer_step(scheduler.last_epoch / total_steps)
             optimizer.zero_grad(set_to_none=True)
-        running.update(out["loss"], out["logits"], labels)
+        progress.running.update(out["loss"], out["logits"], labels)
+        progress.batches_done += 1
+        safeguards.observe(out["loss"], grad_norm)
+        tb.log_step(out["loss"], scheduler.get_last_lr()[0], accelerator.sync_gradients)
         view.advance()
-    loss, acc = running.compute()  # the epoch's only host sync: all queued GPU work is done after it
-    return loss, acc, time.perf_counter() - start, running.count
+        if accelerator.sync_gradients:
+            progress.step += 1
+            progress.epoch_seconds = time.perf_counter() - clock
+            clock += safeguards.after_step(progress, skipped=accelerator.optimizer_step_was_skipped,
+                                           epoch_ends=accelerator.gradient_state.end_of_dataloader)
+    loss, acc = progress.running.compute()  # the epoch's only wait for the device: all its work is done
+    progress.epoch_seconds = time.perf_counter() - clock
+    return loss, acc
 
 
 @torch.inference_mode()
 def evaluate(model, loader, accelerator: Accelerator) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over `loader`, each sample counted once across processes."""
+    """(mean cross-entropy, accuracy) over `loader`, each sample counted once across processes.
+
+    Leaves the global random streams as they were (a loader may draw its worker seed from them), so
+    evaluating never changes the training that follows, and a resumed run evaluates like the original."""
     model.eval()
     running = RunningMetrics(accelerator.device)
-    for pixels, labels in loader:
-        logits = model(pixels, labels)["logits"]
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
-        running.update(F.cross_entropy(logits.float(), labels), logits, labels)
+    with rng_untouched(accelerator.device):
+        for pixels, labels in loader:
+            logits = model(pixels, labels)["logits"]
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+            running.update(F.cross_entropy(logits.float(), labels), logits, labels)
     return running.compute()
 
 
 # ----------------------------------------------------------------------------- components
+
+
+def check_resumable(cfg: Config, run_dir: Path) -> Config:
+    """The config a resume of `run_dir` runs with: the run's own, with only the settings that cannot
+    change its results (RESUME_MAY_CHANGE) taken from `cfg`. Any other difference is a ConfigError."""
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume: {run_dir} is not a vlfit run directory (no config.yaml)")
+    saved = load_config(run_dir / "config.yaml")
+    differences = resume_differences(saved, cfg)
+    if differences:
+        raise ConfigError([*differences, "a resumed run must keep its settings: resume without CONFIG, "
+                                         "or start a new run (another --run-dir)"], f"--resume {run_dir}")
+    how = {"num_workers": cfg.data.num_workers, "cache_dir": cfg.data.cache_dir}
+    return saved.model_copy(update={"data": saved.data.model_copy(update=how)})
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -187,41 +251,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         # non_blocking: copies from pinned loader memory overlap with compute instead of waiting for it.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
     )
-
-
-def make_loaders(cfg: Config, images: ImageSet, split: Split, pre: Preprocess) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders over the split, with the backbone's own preprocessing."""
-    if len(split.train) < cfg.train.micro_batch:
-        raise UserError(f"train.micro_batch: {cfg.train.micro_batch} is larger than the training split "
-                        f"({len(split.train)} images)")
-    return make_loader(cfg, images, split.train, pre, train=True), make_loader(cfg, images, split.val, pre, train=False)
-
-
-def make_loader(cfg: Config, images: ImageSet, index: np.ndarray, pre: Preprocess, train: bool) -> DataLoader:
-    """A loader over images[index]: shuffled, whole batches, augmented for training; in order with the
-    evaluation transform otherwise.
-
-    With `data.pipeline: cached`, batches hold cached uint8 pixels: pass the prepared loader through
-    `on_device` to crop, flip and normalise them on the device.
-    """
-    if cfg.data.pipeline == "cached":
-        with PartialState().main_process_first():  # one process decodes; the others then find its entry
-            cache = open_cache(images, cache_side(pre.image_size, cfg.data.cache_size), pre.interpolation,
-                               cfg.data.cache_dir)
-        transform = (TrainAugment(pre, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.hflip, cfg.train.seed)
-                     if train else EvalResize(pre))
-        dataset = CachedImages(cache, index, images.labels[index], transform)
-        batching = dict(collate_fn=batches_as_is)
-    else:
-        transform = train_transform(pre, cfg.data) if train else eval_transform(pre)
-        dataset = TransformedImages(images.subset(index), transform)
-        batching = {}
-    options = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                   pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu", **batching)
-    if train:
-        return DataLoader(dataset, batch_size=cfg.train.micro_batch, shuffle=True, drop_last=True,
-                          generator=torch.Generator().manual_seed(cfg.train.seed), **options)
-    return DataLoader(dataset, batch_size=cfg.train.eval_batch, shuffle=False, **options)
 
 
 def speed_options(classifier: ImageClassifier, cfg: TrainConfig) -> None:
@@ -309,6 +338,9 @@ def summarize(history: list[dict[str, Any]], cfg: Config, accelerator: Accelerat
         "trainable_params": trainable,
         "total_params": total,
         "effective_batch": cfg.train.micro_batch * cfg.train.accum_steps * accelerator.num_processes,
+        "micro_batch": cfg.train.micro_batch,
+        "accum_steps": cfg.train.accum_steps,
+        "skipped_steps": history[-1]["skipped_steps"],
         "precision": accelerator.mixed_precision,
         "device": device_name(accelerator.device),
         "versions": {"vlfit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

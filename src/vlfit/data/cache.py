@@ -159,7 +159,10 @@ def _build(images: ImageSet, size: int, interpolation: str, out: Path, workers: 
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(workers, n // _MIN_IMAGES_PER_WORKER)
-    loader = DataLoader(_Resized(images.images, size, interpolation), batch_size=32, num_workers=workers)
+    # Its own generator: iterating a loader draws a seed, and a draw from the global stream would make
+    # the run that builds the cache train differently from the runs that find it.
+    loader = DataLoader(_Resized(images.images, size, interpolation), batch_size=32, num_workers=workers,
+                        generator=torch.Generator())
     sizes = np.empty((n, 2), dtype=np.int32)
     done = 0
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

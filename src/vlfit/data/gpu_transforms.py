@@ -9,8 +9,9 @@ bilinear samples per output pixel when it shrinks (an antialiased resize). Flip 
 normalisation follow. The evaluation transform is a fixed box per image: the centre square (resize
 the short side + centre crop, CLIP) or the whole image (squash, SigLIP).
 
-Random numbers come from a generator seeded by (seed, process, epoch, batch), so a run is
-reproducible and any batch of any epoch can be redrawn on its own.
+Each image's random numbers are a function of (seed, epoch, image), drawn on the CPU with the
+batch (`vlfit.resume.sample_uniforms`): a run is reproducible, a resumed epoch redraws the crops
+of its remaining batches exactly, and the number of processes or workers changes nothing.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ from torchvision.ops import roi_align
 
 from vlfit.data.cache import ImageCache
 from vlfit.models.backbones import Preprocess
+from vlfit.resume import SharedEpoch, sample_uniforms
 
 _ATTEMPTS = 10  # as torchvision's RandomResizedCrop
+CROP_DRAWS = 4 * _ATTEMPTS  # (scale, ratio, top, left) per attempt
 
 
 def sample_crop_boxes(sizes: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
-                      generator: torch.Generator) -> torch.Tensor:
-    """(B, 2) original (h, w) -> (B, 4) integer crop boxes (x0, y0, x1, y1), distributed as RandomResizedCrop's."""
+                      u: torch.Tensor) -> torch.Tensor:
+    """(B, 2) original (h, w) and (B, CROP_DRAWS) uniforms in [0, 1) -> (B, 4) integer crop boxes
+    (x0, y0, x1, y1), distributed as RandomResizedCrop's."""
     h, w = sizes[:, 0:1].double(), sizes[:, 1:2].double()  # (B, 1)
-    u = torch.rand(sizes.shape[0], _ATTEMPTS, 4, generator=generator, device=sizes.device, dtype=torch.float64)
+    u = u.double().view(-1, _ATTEMPTS, 4)
     area = h * w * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
@@ -96,18 +100,18 @@ class _Normalize:
 class TrainAugment:
     """Random resized crop + horizontal flip + normalisation of a cached batch, on the batch's device."""
 
-    def __init__(self, pre: Preprocess, scale: tuple[float, float], ratio: tuple[float, float], hflip: float,
-                 seed: int):
+    draws = CROP_DRAWS + 1  # uniforms per image: the crop's, then the flip's
+
+    def __init__(self, pre: Preprocess, scale: tuple[float, float], ratio: tuple[float, float], hflip: float):
         self.out = pre.image_size
-        self.scale, self.ratio, self.hflip, self.seed = scale, ratio, hflip, seed
+        self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.normalize = _Normalize(pre)
 
-    def __call__(self, pixels: torch.Tensor, sizes: torch.Tensor, step: tuple[int, int]) -> torch.Tensor:
-        """uint8 (B, 3, S, S), original (h, w) (B, 2), (epoch, batch) -> normalised float (B, 3, out, out)."""
-        g = torch.Generator(device=pixels.device).manual_seed(_seed(self.seed, _process_index(), *step))
-        boxes = sample_crop_boxes(sizes, self.scale, self.ratio, g)
+    def __call__(self, pixels: torch.Tensor, sizes: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S), original (h, w) (B, 2), uniforms (B, draws) -> normalised float (B, 3, out, out)."""
+        boxes = sample_crop_boxes(sizes, self.scale, self.ratio, u[:, :CROP_DRAWS])
         x = crop_resize(pixels, sizes, boxes, self.out)
-        flip = torch.rand(len(x), generator=g, device=x.device) < self.hflip
+        flip = u[:, CROP_DRAWS] < self.hflip
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return self.normalize(x)
 
@@ -115,26 +119,34 @@ class TrainAugment:
 class EvalResize:
     """The backbone's evaluation resize (+ centre crop) and normalisation of a cached batch."""
 
+    draws = 0
+
     def __init__(self, pre: Preprocess):
         self.out, self.resize = pre.image_size, pre.resize
         self.normalize = _Normalize(pre)
 
-    def __call__(self, pixels: torch.Tensor, sizes: torch.Tensor, step: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    def __call__(self, pixels: torch.Tensor, sizes: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         return self.normalize(crop_resize(pixels, sizes, eval_boxes(sizes, self.resize), self.out))
 
 
 class CachedImages(Dataset):
     """The images `index` selects from a cache, served a whole batch at a time.
 
-    A batch is ((uint8 pixels (B, 3, S, S), original sizes (B, 2)), labels (B,)); `device_transform`
-    turns the pixel part into model inputs once the batch is on the device (see `on_device`).
+    A batch is ((uint8 pixels (B, 3, S, S), original sizes (B, 2), uniforms (B, draws)), labels (B,)):
+    `device_transform` turns the first part into model inputs once the batch is on the device (see
+    `on_device`), with the uniforms of each image drawn from (seed, epoch, its position).
     """
 
-    def __init__(self, cache: ImageCache, index: np.ndarray, labels: np.ndarray, device_transform):
+    def __init__(self, cache: ImageCache, index: np.ndarray, labels: np.ndarray, device_transform, seed: int = 0):
         self.cache = cache
         self.index = np.asarray(index, dtype=np.int64)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.device_transform = device_transform
+        self.seed = seed
+        self.epoch = SharedEpoch()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.set(epoch)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -143,11 +155,12 @@ class CachedImages(Dataset):
         rows = self.index[positions]
         pixels = torch.from_numpy(self.cache.pixels[rows])  # fancy indexing copies out of the memory map
         sizes = torch.from_numpy(self.cache.sizes[rows])
-        return (pixels, sizes), self.labels[positions]
+        u = torch.from_numpy(sample_uniforms(self.seed, self.epoch.get(), positions, self.device_transform.draws))
+        return (pixels, sizes, u), self.labels[positions]
 
     def __getitem__(self, i: int):
-        (pixels, sizes), labels = self.__getitems__([i])
-        return (pixels[0], sizes[0]), labels[0]
+        (pixels, sizes, u), labels = self.__getitems__([i])
+        return (pixels[0], sizes[0], u[0]), labels[0]
 
 
 def batches_as_is(batch):
@@ -158,20 +171,20 @@ def batches_as_is(batch):
 class DeviceTransformed:
     """A loader whose batches go through its dataset's `device_transform` after they reach the device."""
 
-    def __init__(self, loader, transform):
+    def __init__(self, loader, transform, device: torch.device | None = None):
         self.loader = loader
         self.transform = transform
-        self._epochs = 0
+        self.device = device
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # Accelerate's loaders count their epochs (and a resumed run sets the count); plain ones are counted here.
-        epoch = getattr(self.loader, "iteration", self._epochs)
-        self._epochs += 1
-        for batch, ((pixels, sizes), labels) in enumerate(self.loader):
-            yield self.transform(pixels, sizes, (epoch, batch)), labels
+        for inputs, labels in self.loader:
+            if self.device is not None:
+                inputs = [x.to(self.device, non_blocking=True) for x in inputs]
+                labels = labels.to(self.device, non_blocking=True)
+            yield self.transform(*inputs), labels
 
     def __getattr__(self, name: str):
         if name == "loader":  # not set yet (e.g. while unpickling)
@@ -179,20 +192,12 @@ class DeviceTransformed:
         return getattr(self.loader, name)
 
 
-def on_device(loader):
+def on_device(loader, device: torch.device | None = None):
     """`loader` with its dataset's device-side transform applied to every batch; unchanged if it has none.
 
-    Call it on a loader that already puts batches on the device (after `accelerator.prepare`).
+    Call it on a loader that already puts batches on the device (after `accelerator.prepare`), or
+    name the `device` to move each batch there first.
     """
     transform = getattr(getattr(loader, "dataset", None), "device_transform", None)
-    return DeviceTransformed(loader, transform) if transform is not None else loader
+    return DeviceTransformed(loader, transform, device) if transform is not None else loader
 
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _process_index() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from vlfit.config import DataConfig
+from vlfit.data.images import BadImage, Limits, decode
+from vlfit.errors import UserError
 
 
 @dataclass
@@ -24,13 +27,38 @@ class ImageSet:
     labels: np.ndarray
     classes: list[str]
     ids: list[str]
+    names: list[str] | None = None  # where each image came from, for people (a file path), when known
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> ImageSet:
-        return ImageSet([self.images[i] for i in index], self.labels[index], self.classes,
-                        [self.ids[i] for i in index])
+        images = self.images.take(index) if isinstance(self.images, LazyImages) else [self.images[i] for i in index]
+        names = None if self.names is None else [self.names[i] for i in index]
+        return ImageSet(images, self.labels[index], self.classes, [self.ids[i] for i in index], names)
+
+
+class LazyImages(Sequence):
+    """Images decoded on access, so a dataset needs memory for its files, not for its pixels.
+
+    `images[i]` reads entry i from its store and decodes it with the same `decode` the load-time
+    check used, so it never meets an image the check did not pass.
+    """
+
+    def __init__(self, blobs: Any, keys: list[Any], names: list[str], limits: Limits):
+        self.blobs, self.keys, self.names, self.limits = blobs, keys, names, limits
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        try:
+            return decode(self.blobs.read(self.keys[i]), self.limits)
+        except (BadImage, OSError) as err:
+            raise UserError(f"{self.names[i]}: {err} (the image changed after the data check)") from None
+
+    def take(self, index: np.ndarray) -> LazyImages:
+        return LazyImages(self.blobs, [self.keys[i] for i in index], [self.names[i] for i in index], self.limits)
 
 
 class TransformedImages(Dataset):
@@ -50,11 +78,24 @@ class TransformedImages(Dataset):
 
 
 def load_source(cfg: DataConfig) -> ImageSet:
-    """The labelled images `cfg.source` names."""
-    if cfg.source == "synthetic-har":
-        from vlfit.data.synthetic import HAR_CLASSES, make_synthetic_har
+    """Every labelled image `cfg.data` names, sorted by id, decoded lazily and not checked.
 
-        images, labels = make_synthetic_har(cfg.num_images, cfg.image_size, cfg.seed)
-        ids = [f"synthetic-har/{cfg.seed}/{cfg.image_size}/{i:06d}" for i in range(len(labels))]
-        return ImageSet(images, labels.astype(np.int64), list(HAR_CLASSES), ids)
-    raise ValueError(f"unknown data source {cfg.source!r}")  # unreachable: the config validates it
+    For training use `prepare_data`, which checks every image first; this is for re-reading the
+    images a run's split.json names (all of which passed that check).
+    """
+    from vlfit.data.catalog import read_catalog
+
+    catalog = read_catalog(cfg)
+    labels = catalog.label_index()
+    catalog.identify()
+    keep = [i for i, e in enumerate(catalog.entries) if e.problem is None and labels[i] >= 0]
+    return image_set(catalog, sorted(keep, key=lambda i: catalog.entries[i].id), labels, cfg)
+
+
+def image_set(catalog: Any, index: list[int], labels: np.ndarray, cfg: DataConfig) -> ImageSet:
+    """The ImageSet of `catalog.entries[index]`, in that order."""
+    entries = [catalog.entries[i] for i in index]
+    names = [e.name for e in entries]
+    limits = Limits(cfg.min_image_size, cfg.max_image_pixels)
+    return ImageSet(LazyImages(catalog.blobs, [e.key for e in entries], names, limits),
+                    labels[np.asarray(index, dtype=np.int64)], list(catalog.classes), [e.id for e in entries], names)

@@ -290,10 +290,18 @@ def _load_pretrained(name: str, attn_implementation: str, trust_remote_code: boo
                         "tower (zero-shot head or contrastive loss); use the full CLIP/SigLIP checkpoint")
     # Full checkpoints load through the full class, so the projection into the joint space comes along.
     hf_class = cls.full_class if has_text else cls.vision_class
-    model, info = hf_class.from_pretrained(
-        name, attn_implementation=attn_implementation, dtype=torch.float32,
-        output_loading_info=True, trust_remote_code=trust_remote_code,
-    )
+    try:
+        # safetensors only: pickle-based weights (pytorch_model.bin) can run code when loaded.
+        model, info = hf_class.from_pretrained(
+            name, attn_implementation=attn_implementation, dtype=torch.float32,
+            output_loading_info=True, trust_remote_code=trust_remote_code, use_safetensors=True,
+        )
+    except OSError as err:
+        raise UserError(
+            f"model.backbone: cannot load weights of '{name}': {_first_line(err)}\n"
+            "  vlfit loads weights only from model.safetensors; pickle files (pytorch_model.bin) can run "
+            "code and are refused. Convert them with a tool you trust, or use a revision that has safetensors."
+        ) from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise UserError(f"model.backbone: '{name}' lacks {len(missing)} weights, e.g. {missing[:3]}")
