@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -14,6 +18,11 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig
 from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()
+
+# The image cache of `data.pipeline: cached` goes to this session's own directory, never the user's
+# ~/.cache; CLI tests' subprocesses inherit it.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="vlfit-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -81,6 +81,7 @@ def test_checkpoint_is_safetensors_without_pickle(quick_run):
 def test_same_seed_same_metrics(quick_run, tmp_path_factory):
     run_dir, _ = quick_run
     again, _ = run(tmp_path_factory, "again", QUICK)
+    assert "image cache built" not in (again / "train.log").read_text()  # the first run's cache: nothing decoded
     assert metrics_without_timing(again) == metrics_without_timing(run_dir)
     a = load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
     b = load_file(again / "checkpoints" / "last" / "model.safetensors")
@@ -97,6 +98,14 @@ def test_accumulation_keeps_effective_batch(tmp_path_factory):
     _, summary = run(tmp_path_factory, "accum", [*QUICK, "train.micro_batch=16", "train.accum_steps=2",
                                                  "train.epochs=1"])
     assert summary["effective_batch"] == 32
+
+
+def test_reference_pipeline_trains_without_a_cache(tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("unused-cache")
+    run_dir, summary = run(tmp_path_factory, "reference", [*QUICK, "train.epochs=1", "data.pipeline=torchvision",
+                                                          f"data.cache_dir={cache_dir}"])
+    assert summary["epochs"] == 1 and 0 <= summary["best_val_acc"] <= 1
+    assert list(cache_dir.iterdir()) == []
 
 
 def test_training_loop_learns(tmp_path_factory):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -239,6 +241,45 @@ def start_training(config: Path | None, overrides: list[str], run_dir: Path | No
 def new_run_dir(run_dir: Path, overwrite: bool) -> Path:
     prepare_run_dir(run_dir, overwrite)
     return run_dir
+
+
+@cli.command()
+@click.option("--backbone", default="tiny-clip", show_default=True, help="Preset, hub id or local directory.")
+@click.option("--batch", type=click.IntRange(min=1), help="Images per training step, both sides  [default: 128]")
+@click.option("--images", type=click.IntRange(min=1), help="JPEGs in the generated dataset  [default: 10080]")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs per end-to-end run; the last is reported  "
+              "[default: 2]")
+@click.option("--steps", type=click.IntRange(min=1), help="Timed steps on random tensors  [default: 30]")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rounds of all measurements, interleaved; each is reported as its median.")
+@click.option("--quick", is_flag=True, help="Small sizes (128 images, batch 32, 5 steps): minutes on a CPU.")
+@click.option("--trainer/--no-trainer", default=True, show_default=True,
+              help="Also run the Hugging Face Trainer peer.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Keep the generated JPEGs here and reuse them.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON output (default: bench-DEVICE-BACKBONE-DATE.json).")
+@overrides_option
+def bench(backbone: str, batch: int | None, images: int | None, epochs: int | None, steps: int | None, repeat: int,
+          quick: bool, trainer: bool, data_dir: str | None, out: Path | None, overrides: tuple[str, ...]) -> None:
+    """Measure vlfit's training speed and memory next to the Hugging Face Trainer (see BENCHMARKS.md)."""
+    from rich.console import Console
+
+    from vlfit.bench import BenchOptions, default_out, format_table, markdown_row, quick_options, run_bench
+
+    setup_logging()
+    given = dict(batch=batch, images=images, epochs=epochs, steps=steps)
+    sizes = quick_options(**given) if quick else {k: v for k, v in given.items() if v is not None}
+    opts = BenchOptions(backbone=backbone, overrides=list(overrides), trainer=trainer, data_dir=data_dir,
+                        repeat=repeat, **sizes)
+    record = run_bench(opts, command=" ".join(["vlfit", *map(shlex.quote, sys.argv[1:])]))
+    out = out or Path(default_out(record))
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: keep each row on one line
+        console = Console(width=200)
+    console.print(format_table(record))
+    console.print(f"BENCHMARKS.md row:\n{markdown_row(record)}", highlight=False, soft_wrap=True)
+    click.echo(f"written to {out}")
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:

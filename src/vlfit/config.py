@@ -113,6 +113,13 @@ class DataConfig(_Section):
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
     hflip: float = Field(0.5, ge=0.0, le=1.0)  # horizontal-flip probability
     num_workers: int = Field(0, ge=0)  # worker processes that decode images: the load-time check and the DataLoader
+    # "cached" is the default: it decodes each image once into an on-disk cache and crops, flips and
+    # normalises whole batches on the training device, so JPEG decoding stops bounding a GPU's speed;
+    # its crops follow torchvision's RandomResizedCrop distribution (tests/test_gpu_transforms.py).
+    # "torchvision" decodes and augments every image on the CPU each epoch: the reference path.
+    pipeline: Literal["cached", "torchvision"] = "cached"  # input pipeline (see above)
+    cache_dir: str | None = None  # cached: where decoded images are kept; null: $XDG_CACHE_HOME/vlfit or ~/.cache/vlfit
+    cache_size: int | None = Field(None, ge=16, le=2048)  # cached: stored side; null: 1.15 x the backbone's input
 
     @field_validator("crop_scale", "crop_ratio")
     @classmethod
@@ -174,6 +181,8 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     seed: int = 0  # seeds weights, data order and augmentation
+    compile: bool = False  # torch.compile the backbone (slow first steps, faster after)
+    grad_checkpointing: bool = False  # recompute encoder activations in the backward pass: less memory, ~30% slower
     checkpoint_every: int | None = Field(None, ge=1)  # also checkpoint every N optimizer steps (null: epoch ends only)
     nonfinite_patience: int = Field(10, ge=1)  # fp16: consecutive non-finite-loss steps tolerated before stopping
     distributed: Literal["ddp", "fsdp"] = "ddp"  # several processes: replicate the model (ddp) or shard it (fsdp, GPUs)
@@ -254,8 +263,9 @@ class Config(_Section):
 
 
 # Settings a resumed run may change: they alter how it runs, not what it computes (augmentation is
-# seeded per image, so the number of loader workers does not change a single pixel).
-RESUME_MAY_CHANGE = frozenset({"name", "data.num_workers"})
+# seeded per image, so the number of loader workers does not change a single pixel; a moved image
+# cache holds the same pixels).
+RESUME_MAY_CHANGE = frozenset({"name", "data.num_workers", "data.cache_dir"})
 
 
 def resume_differences(saved: Config, new: Config) -> list[str]:

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 
 from vlfit.checkpoint import load_checkpoint
 from vlfit.config import load_config
-from vlfit.data import ImageSet, eval_transform, load_source, load_split
-from vlfit.data.sources import TransformedImages
+from vlfit.data import ImageSet, load_source, load_split
+from vlfit.data.gpu_transforms import on_device
+from vlfit.data.loaders import make_loader
 from vlfit.errors import UserError
 
 EVAL_FILE = "eval.json"  # best checkpoint on the run's own validation split: what the report reads
@@ -43,15 +44,14 @@ def evaluate_run(run_dir: Path, which: str = "best", data: list[str] = ()) -> di
     split = json.loads((run_dir / "split.json").read_text())
     if data:
         _refuse_training_images(images, set(split["train"]), data)
-        subset, described = images, {"data": list(data), "split": "all"}
+        index, described = np.arange(len(images)), {"data": list(data), "split": "all"}
     else:
-        subset, described = images.subset(load_split(run_dir / "split.json", images).val), {"split": "val"}
+        index, described = load_split(run_dir / "split.json", images).val, {"split": "val"}
 
     model, state = load_checkpoint(run_dir / "checkpoints" / which, accelerator.device)
     if images.classes != state["classes"]:
         raise UserError(f"{run_dir}: the data's classes differ from the checkpoint's")
-    val_set = TransformedImages(subset, eval_transform(model.backbone.preprocess))
-    loader = accelerator.prepare(DataLoader(val_set, batch_size=cfg.train.eval_batch, num_workers=cfg.data.num_workers))
+    loader = on_device(accelerator.prepare(make_loader(cfg, images, index, model.backbone.preprocess, train=False)))
     result = {**score(model, state, loader, accelerator, which), **described}  # every process: it gathers
     path = run_dir / eval_file_name(which, data)
     if accelerator.is_main_process:

@@ -91,27 +91,58 @@ def rng_untouched(device: torch.device) -> Iterator[None]:
         yield
 
 
+class SharedEpoch:
+    """An epoch number in shared memory, so persistent loader workers see `set` too."""
+
+    def __init__(self):
+        self._value = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set(self, epoch: int) -> None:
+        self._value.fill_(epoch)
+
+    def get(self) -> int:
+        return int(self._value)
+
+
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def sample_uniforms(seed: int, epoch: int, samples: Any, n: int) -> np.ndarray:
+    """(len(samples), n) float64 uniforms in [0, 1): row k depends only on (seed, epoch, samples[k]).
+
+    A counter-based generator (SplitMix64 of a per-(seed, epoch) key and the draw's index), so a
+    whole batch is drawn in a few vectorised operations, in any order, on any process.
+    """
+    key = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
+    counter = np.asarray(samples, dtype=np.uint64)[:, None] * np.uint64(n) + np.arange(n, dtype=np.uint64)
+    z = key + (counter + np.uint64(1)) * _GOLDEN  # uint64 arithmetic wraps, as SplitMix64 wants
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 class SeededSamples(Dataset):
     """`dataset[i]` drawn with torch's CPU generator seeded by (seed, epoch, i), then put back as it was.
 
     Random augmentation then depends only on the image and the epoch: a resumed epoch skips the
     batches it has seen without replaying their draws, and the number of loader workers changes
-    nothing. The epoch lives in shared memory, so persistent workers see `set_epoch` too.
+    nothing.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.epoch = SharedEpoch()
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(epoch)
+        self.epoch.set(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> Any:
-        seed = np.random.SeedSequence([self.seed, int(self._epoch), i]).generate_state(1, np.uint64)[0]
+        seed = np.random.SeedSequence([self.seed, self.epoch.get(), i]).generate_state(1, np.uint64)[0]
         outer = torch.get_rng_state()
         torch.default_generator.manual_seed(int(seed))  # CPU only: the CUDA streams belong to the model
         try:

@@ -29,16 +29,17 @@ from vlfit import __version__
 from vlfit.checkpoint import Checkpoints, read_checkpoint, restore_parts
 from vlfit.config import Config, TrainConfig, load_config, resume_differences
 from vlfit.console import EpochView, log_to_file
-from vlfit.data import ImageSet, Split, eval_transform, prepare_data, train_transform
-from vlfit.data.sources import TransformedImages
+from vlfit.data import prepare_data
+from vlfit.data.gpu_transforms import on_device
+from vlfit.data.loaders import make_loader, make_loaders
 from vlfit.distributed import AnyProcess, FullState, PerProcess, across_processes, main_decides, process_index, together
 from vlfit.errors import ConfigError, UserError
 from vlfit.evaluate import EVAL_FILE, evaluate_checkpoint, save_eval
 from vlfit.metrics import MetricsLog, RunningMetrics, TensorBoardLog, peak_memory_mb, reset_peak_memory
-from vlfit.models import Preprocess
+from vlfit.models import ImageClassifier
 from vlfit.probe import feature_loaders
 from vlfit.resilience import GracefulStop, NonFiniteGuard, Safeguards, explain_oom, resolve_micro_batch
-from vlfit.resume import Progress, RNGState, SeededSamples, epoch_batches, rng_untouched
+from vlfit.resume import Progress, RNGState, epoch_batches, rng_untouched
 from vlfit.task import build_classifier, build_task
 from vlfit.wiseft import interpolate, snapshot
 
@@ -83,9 +84,11 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
     else:
         train_loader, val_loader = make_loaders(cfg, images, split, classifier.backbone.preprocess)
     model = build_task(cfg, classifier, text, images.classes, cached_features=probe)
+    speed_options(classifier, cfg.train)
     trainable, total = model.parameter_counts()
-    optimizer = make_optimizer(model, cfg.train, fused=accelerator.device.type == "cuda")
+    optimizer = make_optimizer(model, cfg.train, fused=has_fused_adamw(accelerator.device))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    val_loader = on_device(val_loader)  # the cached pipeline resizes and normalises on the device
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accum_steps)
     total_steps = cfg.train.epochs * steps_per_epoch
     # Not handed to accelerator.prepare: the schedule is defined in optimizer steps, stepped below
@@ -131,7 +134,7 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
         for epoch in range(progress.epoch, cfg.train.epochs + 1):
             reset_peak_memory(accelerator.device)
             view.start_epoch(epoch, cfg.train.epochs, len(train_loader), done=progress.batches_done)
-            batches = epoch_batches(accelerator, train_loader, epoch, skip=progress.batches_done)
+            batches = on_device(epoch_batches(accelerator, train_loader, epoch, skip=progress.batches_done))
             with explain_oom(cfg.train, "training"):
                 train_loss, train_acc = train_one_epoch(model, batches, optimizer, scheduler, accelerator,
                                                         cfg.train, progress, view, safeguards, tb, total_steps)
@@ -167,8 +170,8 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
     summary = summarize(progress.history, cfg, accelerator, trainable, total)
     # Per-class numbers and the confusion matrix of the best checkpoint, for reports; before
     # summary.json, whose presence says the run finished.
-    pixel_loader = accelerator.prepare(make_loaders(cfg, images, split, classifier.backbone.preprocess)[1]) \
-        if probe else val_loader  # a linear probe validated on cached features; the checkpoint reads images
+    pixel_loader = on_device(accelerator.prepare(make_loader(cfg, images, split.val, classifier.backbone.preprocess,
+                                                             train=False))) if probe else val_loader
     accelerator.wait_for_everyone()  # the main process has written `best`: now every process may read it
     scores = evaluate_checkpoint(checkpoints.root / "best", pixel_loader, accelerator)
     if main:
@@ -245,7 +248,8 @@ def check_resumable(cfg: Config, run_dir: Path) -> Config:
     if differences:
         raise ConfigError([*differences, "a resumed run must keep its settings: resume without CONFIG, "
                                          "or start a new run (another --run-dir)"], f"--resume {run_dir}")
-    return saved.model_copy(update={"data": saved.data.model_copy(update={"num_workers": cfg.data.num_workers})})
+    how = {"num_workers": cfg.data.num_workers, "cache_dir": cfg.data.cache_dir}
+    return saved.model_copy(update={"data": saved.data.model_copy(update=how)})
 
 
 def resume_point(checkpoints: Checkpoints, num_processes: int) -> tuple[Path, dict[str, Any]] | None:
@@ -284,7 +288,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         mixed_precision={"fp32": "no"}.get(precision, precision),
         gradient_accumulation_steps=cfg.accum_steps,
         # Data order becomes a function of (seed, epoch): reproducible, and the same on every process count.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # non_blocking: copies from pinned loader memory overlap with compute instead of waiting for it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=True),
         fsdp_plugin=fsdp_plugin() if cfg.distributed == "fsdp" else None,
     )
 
@@ -301,20 +306,16 @@ def fsdp_plugin():
     )
 
 
-def make_loaders(cfg: Config, images: ImageSet, split: Split, pre: Preprocess) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders over the split, with the backbone's own preprocessing."""
-    if len(split.train) < cfg.train.micro_batch:
-        raise UserError(f"train.micro_batch: {cfg.train.micro_batch} is larger than the training split "
-                        f"({len(split.train)} images)")
-    # Augmentation seeded per (seed, epoch, image): what makes a resumed epoch draw the same crops.
-    train_set = SeededSamples(TransformedImages(images.subset(split.train), train_transform(pre, cfg.data)),
-                              cfg.train.seed)
-    val_set = TransformedImages(images.subset(split.val), eval_transform(pre))
-    workers = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
-    train = DataLoader(train_set, batch_size=cfg.train.micro_batch, shuffle=True, drop_last=True,
-                       generator=torch.Generator().manual_seed(cfg.train.seed), **workers)
-    val = DataLoader(val_set, batch_size=cfg.train.eval_batch, shuffle=False, **workers)
-    return train, val
+def speed_options(classifier: ImageClassifier, cfg: TrainConfig) -> None:
+    """Gradient checkpointing and torch.compile of the backbone, where nearly all the compute is.
+
+    Applied after the task is built, so a masking teacher (a copy) stays eager. `Module.compile`
+    compiles in place: parameter names, and so checkpoints, are unchanged.
+    """
+    if cfg.grad_checkpointing:
+        classifier.backbone.set_grad_checkpointing(True)
+    if cfg.compile:
+        classifier.backbone.compile()
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
@@ -336,6 +337,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> tor
             "lr": cfg.lr * cfg.layer_decay ** (num_layers + 1 - layer)})
         group["params"].append(p)
     return torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def has_fused_adamw(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for `device`: CUDA, and CPUs from torch 2.4."""
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return device.type == "cuda" or (device.type == "cpu" and (major, minor) >= (2, 4))
 
 
 def layer_id(name: str, num_layers: int) -> int:

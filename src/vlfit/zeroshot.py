@@ -10,8 +10,10 @@ from accelerate.utils import set_seed
 
 from vlfit.config import Config
 from vlfit.data import prepare_data
+from vlfit.data.gpu_transforms import on_device
 from vlfit.task import FineTuner, build_classifier
-from vlfit.train import evaluate, make_accelerator, make_loaders
+from vlfit.data.loaders import make_loader
+from vlfit.train import evaluate, make_accelerator
 
 
 def zeroshot(cfg: Config) -> dict[str, Any]:
@@ -24,8 +26,8 @@ def zeroshot(cfg: Config) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as records:
         images, split = prepare_data(cfg.data, Path(records))
     classifier, _ = build_classifier(cfg, images.classes)
-    _, val_loader = make_loaders(cfg, images, split, classifier.backbone.preprocess)
+    val_loader = make_loader(cfg, images, split.val, classifier.backbone.preprocess, train=False)
     task, val_loader = accelerator.prepare(FineTuner(classifier, images.classes), val_loader)
-    val_loss, val_acc = evaluate(task, val_loader, accelerator)
+    val_loss, val_acc = evaluate(task, on_device(val_loader), accelerator)
     return {"backbone": cfg.model.backbone, "val_loss": val_loss, "val_acc": val_acc, "images": len(split.val),
             "classes": len(images.classes)}

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     CLIPConfig,
@@ -98,6 +100,19 @@ class Backbone(nn.Module):
     @property
     def encoder_layers(self) -> nn.ModuleList:
         return self.tower.encoder.layers
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder layer's activations during the backward pass instead of keeping them.
+
+        Uses the transformers layers' own switch (as `gradient_checkpointing_enable` does), which works
+        whether the tower is a `PreTrainedModel` or a bare transformer module.
+        """
+        switches = [m for m in self.tower.modules() if hasattr(m, "gradient_checkpointing")]
+        if not switches:
+            raise UserError(f"train.grad_checkpointing: {type(self.tower).__name__} does not support it")
+        for module in switches:
+            module.gradient_checkpointing = enable
+            module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, prefix + patches, D) tokens, position embeddings already added."""
