@@ -107,7 +107,9 @@ def _blocks(runs: list[Run], labels: list[str], rows: list[dict[str, Any]], fold
         figure("time_memory.png", plots.time_memory_bars(rows), "Mean training time per epoch and peak memory."),
         figure("accuracy.png", plots.accuracy_curves(runs, labels),
                "Accuracy per epoch: validation solid, training dashed; the star marks the best epoch."),
-        figure("loss.png", plots.loss_curves(runs, labels), "Cross-entropy loss per epoch: validation solid, training dashed."),
+        figure("loss.png", plots.loss_curves(runs, labels),
+               "Loss per epoch: validation solid (cross-entropy), training dashed (the training objective: "
+               "cross-entropy plus the weighted contrastive term for runs that use one)."),
     ]
 
     scored = [(run, label) for run, label in zip(runs, labels) if run.eval]

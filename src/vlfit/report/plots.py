@@ -52,7 +52,7 @@ def accuracy_curves(runs: list[Run], labels: list[str]) -> Figure:
 @_styled
 def loss_curves(runs: list[Run], labels: list[str]) -> Figure:
     """Validation (solid) and training (dashed) loss per epoch of every run."""
-    return _curves(runs, labels, "loss", "cross-entropy loss", "Loss per epoch", best_marker=False)
+    return _curves(runs, labels, "loss", "loss", "Loss per epoch", best_marker=False)
 
 
 def _curves(runs: list[Run], labels: list[str], metric: str, ylabel: str, title: str, best_marker: bool) -> Figure:
