@@ -5,6 +5,7 @@ import math
 import statistics
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,6 +210,13 @@ def test_masked_runs_record_kept_tokens_and_saliency_time(tmp_path):
     assert all(r["kept_tokens"] == 32 and r["kept_token_fraction"] == 0.5 and r["saliency_time_s"] > 0
                for r in records)
     assert (tmp_path / "checkpoints" / "best" / "model.safetensors").is_file()
+    # Example masks for the report: validation images as the model sees them, half their 2x2 cells kept.
+    examples = np.load(tmp_path / "mask_examples.npz")
+    images, keep = examples["images"], examples["keep"]
+    assert images.dtype == np.uint8 and images.shape[1:] == (64, 64, 3) and images.std() > 0
+    assert keep.shape == (len(images), 8, 8) and (keep.reshape(len(images), -1).sum(1) == 32).all()
+    assert (keep[:, ::2, ::2] == keep[:, 1::2, 1::2]).all()  # whole 2x2 blocks
+    assert len(examples["titles"]) == len(images)
 
 
 # ---------------------------------------------------------------- dual loss

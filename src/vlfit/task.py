@@ -77,6 +77,23 @@ class FineTuner(nn.Module):
         smoothing = self.label_smoothing if self.training else 0.0
         return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
 
+    @torch.no_grad()
+    def keep_grid(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """(B, grid, grid) bool: the patches this task's masking keeps of `pixels` when training
+        (None without masking). Random masking draws from the global stream, as in training."""
+        if self.masker is None:
+            return None
+        backbone = self.classifier.backbone
+        was_training = self.masker.training
+        try:
+            keep = self.masker.train()(pixels, backbone)
+        finally:
+            self.masker.train(was_training)
+        grid = torch.ones(len(pixels), backbone.grid ** 2, dtype=torch.bool, device=pixels.device)
+        if keep is not None:
+            grid = torch.zeros_like(grid).scatter_(1, keep, True)
+        return grid.view(-1, backbone.grid, backbone.grid)
+
     def after_optimizer_step(self, progress: float) -> None:
         """Called after each optimizer step; `progress` in [0, 1] is the share of training done."""
         if isinstance(self.masker, AttentiveMasking):

@@ -38,6 +38,7 @@ from vlfit.evaluate import EVAL_FILE, evaluate_checkpoint, save_eval
 from vlfit.metrics import MetricsLog, RunningMetrics, TensorBoardLog, peak_memory_mb, reset_peak_memory
 from vlfit.models import ImageClassifier
 from vlfit.probe import feature_loaders
+from vlfit.report.runs import write_mask_examples
 from vlfit.resilience import GracefulStop, NonFiniteGuard, Safeguards, explain_oom, resolve_micro_batch
 from vlfit.resume import Progress, RNGState, epoch_batches, rng_untouched
 from vlfit.task import build_classifier, build_task
@@ -176,6 +177,8 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
     scores = evaluate_checkpoint(checkpoints.root / "best", pixel_loader, accelerator)
     if main:
         save_eval(run_dir / EVAL_FILE, scores)
+        if task.masker is not None:  # the report shows what the masking keeps
+            save_mask_examples(run_dir, task, cfg, images, split.val, accelerator.device)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log.info("best val_acc %.4f at epoch %d; summary in %s", summary["best_val_acc"], summary["best_epoch"],
              run_dir / "summary.json")
@@ -270,6 +273,21 @@ def uses_gpu(cfg: TrainConfig) -> bool:
     if cfg.device == "cuda" and not has_cuda:
         raise UserError("train.device: 'cuda' was asked for but no CUDA device is available")
     return has_cuda and cfg.device != "cpu"
+
+
+def save_mask_examples(run_dir: Path, task, cfg: Config, images, val: np.ndarray, device: torch.device,
+                       n: int = 6) -> None:
+    """The first `n` validation images as the model sees them, with the patches its masking keeps
+    (under the final weights and teacher), written for the report's overlay figure."""
+    pre = task.classifier.backbone.preprocess
+    loader = make_loader(cfg, images, val[:n], pre, train=False)
+    pixels, labels = next(iter(on_device(loader, device)))
+    pixels = pixels.to(device)
+    with rng_untouched(device):
+        keep = task.keep_grid(pixels)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (pre.mean, pre.std))
+    shown = ((pixels.float() * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)
+    write_mask_examples(run_dir, shown.cpu().numpy(), keep.cpu().numpy(), [images.classes[i] for i in labels.tolist()])
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
