@@ -147,6 +147,20 @@ def test_killed_run_resumes_on_as_many_processes(two, overrides, tmp_path, run_v
         assert torch.equal(v, uninterrupted["weights"]["last"][k]), k
 
 
+def test_compare_with_a_masked_run_on_two_processes(overrides, tmp_path):
+    """compare under the launcher: both runs train, the masked one saves its example masks, one report."""
+    masked = ROOT / "configs" / "demo" / "tiny-masked-clip.yaml"
+    proc = launch("-m", "vlfit", "compare", DEMO, masked, *as_set_args([*overrides, "train.epochs=1"]),
+                  "--out", tmp_path / "cmp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.json", "report", "tiny-clip",
+                                                                  "tiny-masked-clip"]
+    assert (tmp_path / "cmp" / "tiny-masked-clip" / "mask_examples.npz").is_file()
+    assert not (tmp_path / "cmp" / "tiny-clip" / "mask_examples.npz").exists()
+    assert (tmp_path / "cmp" / "report" / "mask-tiny-masked-clip.png").is_file()
+    assert proc.stdout.count("report: ") == 1
+
+
 def test_effective_batch_is_split_over_the_processes():
     from vlfit.resilience import resolve_micro_batch
 

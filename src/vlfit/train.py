@@ -175,10 +175,12 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
                                                              train=False))) if probe else val_loader
     accelerator.wait_for_everyone()  # the main process has written `best`: now every process may read it
     scores = evaluate_checkpoint(checkpoints.root / "best", pixel_loader, accelerator)
+    # What the masking keeps, for the report; on every process, as building a loader waits for all.
+    examples = mask_examples(task, cfg, images, split.val, accelerator.device) if task.masker is not None else None
     if main:
         save_eval(run_dir / EVAL_FILE, scores)
-        if task.masker is not None:  # the report shows what the masking keeps
-            save_mask_examples(run_dir, task, cfg, images, split.val, accelerator.device)
+        if examples is not None:
+            write_mask_examples(run_dir, *examples)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     log.info("best val_acc %.4f at epoch %d; summary in %s", summary["best_val_acc"], summary["best_epoch"],
              run_dir / "summary.json")
@@ -275,10 +277,10 @@ def uses_gpu(cfg: TrainConfig) -> bool:
     return has_cuda and cfg.device != "cpu"
 
 
-def save_mask_examples(run_dir: Path, task, cfg: Config, images, val: np.ndarray, device: torch.device,
-                       n: int = 6) -> None:
-    """The first `n` validation images as the model sees them, with the patches its masking keeps
-    (under the final weights and teacher), written for the report's overlay figure."""
+def mask_examples(task, cfg: Config, images, val: np.ndarray, device: torch.device,
+                  n: int = 6) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The first `n` validation images as the model sees them ((n, H, W, 3) uint8), the patches its
+    masking keeps of them under the final weights and teacher ((n, grid, grid) bool), and their classes."""
     pre = task.classifier.backbone.preprocess
     loader = make_loader(cfg, images, val[:n], pre, train=False)
     pixels, labels = next(iter(on_device(loader, device)))
@@ -287,7 +289,7 @@ def save_mask_examples(run_dir: Path, task, cfg: Config, images, val: np.ndarray
         keep = task.keep_grid(pixels)
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (pre.mean, pre.std))
     shown = ((pixels.float() * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1)
-    write_mask_examples(run_dir, shown.cpu().numpy(), keep.cpu().numpy(), [images.classes[i] for i in labels.tolist()])
+    return shown.cpu().numpy(), keep.cpu().numpy(), [images.classes[i] for i in labels.tolist()]
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
