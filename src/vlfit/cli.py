@@ -337,8 +337,11 @@ def report_error(err: UserError) -> None:
 def main() -> None:
     """Entry point: run the CLI, turning user errors into one message and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from vlfit.distributed import leave_processes
+
     try:
         cli.main(standalone_mode=False)
+        leave_processes()
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

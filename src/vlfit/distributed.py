@@ -91,6 +91,14 @@ def together(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     raise ErrorElsewhere(next(e for e in errors if e)[1])
 
 
+def leave_processes() -> None:
+    """End a command together: wait for every process, then close the process group. Left to the
+    interpreter's exit while another process still talks to it, gloo's threads abort the process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wait_for_everyone() -> None:
     if not alone():
         PartialState().wait_for_everyone()
