@@ -270,16 +270,17 @@ RESUME_MAY_CHANGE = frozenset({"name", "data.num_workers", "data.cache_dir"})
 
 def resume_differences(saved: Config, new: Config) -> list[str]:
     """One line 'key: saved -> new' per setting that differs and would change a resumed run's results."""
-    old, now = _flat(saved.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    old, now = flat_keys(saved.model_dump(mode="json")), flat_keys(new.model_dump(mode="json"))
     return [f"{k}: {old.get(k)!r} in the run, {now.get(k)!r} now" for k in sorted(old.keys() | now.keys())
             if old.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE]
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"section.key": value}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out

@@ -2,9 +2,10 @@
 augmentation that depends on the image and the epoch rather than on how many draws came before.
 
 Data order is already a function of (seed, epoch) through Accelerate's seedable sampler. Augmentation
-is made one too (`SeededSamples`), so a resumed epoch can skip the batches it has seen without
-drawing their random crops, and the global streams (dropout and anything else the model draws) are
-saved and restored as they stood after the last finished step.
+is made one too (`SeededSamples` on the torchvision pipeline, `sample_uniforms` on the cached one),
+so a resumed epoch can skip the batches it has seen without drawing their random crops, and the
+global streams (dropout and anything else the model draws) are saved and restored as they stood
+after the last finished step.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import Dataset
 from torchvision.ops import roi_align
 
@@ -180,10 +181,10 @@ class DeviceTransformed:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for inputs, labels in self.loader:
+        for batch in self.loader:
             if self.device is not None:
-                inputs = [x.to(self.device, non_blocking=True) for x in inputs]
-                labels = labels.to(self.device, non_blocking=True)
+                batch = send_to_device(batch, self.device, non_blocking=True)
+            inputs, labels = batch
             yield self.transform(*inputs), labels
 
     def __getattr__(self, name: str):

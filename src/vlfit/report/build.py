@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from vlfit import __version__
+from vlfit.config import flat_keys
 from vlfit.errors import UserError
 from vlfit.report import plots
 from vlfit.report.document import Block, Bullets, Heading, Image, Table, Text, to_html, to_markdown
@@ -271,20 +272,10 @@ def _setup_table(runs: list[Run], labels: list[str]) -> Table:
 
 def _config_differences(runs: list[Run], labels: list[str]) -> Table | None:
     """The config keys whose values differ between runs (the run name aside)."""
-    flat = [_flatten(r.config) for r in runs]
+    flat = [flat_keys(r.config) for r in runs]
     keys = sorted({k for f in flat for k in f} - {"name"})
     differing = [k for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
     if len(runs) < 2 or not differing:
         return None
     rows = [[k, *(json.dumps(f.get(k)) if not isinstance(f.get(k), str) else f[k] for f in flat)] for k in differing]
     return Table(["config key", *labels], rows, caption="Config keys that differ between the runs")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
