@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vlfit.data import ImageSet
-from vlfit.data.cache import ImageCache, cache_key, open_cache
+from vlfit.data.cache import ImageCache, cache_key, open_cache, stored_size
 from vlfit.errors import UserError
 
 
@@ -46,17 +46,29 @@ def entries(root):
 def test_built_once_then_reused_without_decoding(tmp_path):
     first = image_set()
     cache = open_cache(first, 24, root=tmp_path, show=False)
-    assert first.images.decoded == 12
-    assert cache.pixels.shape == (12, 3, 24, 24) and cache.pixels.dtype == np.uint8
+    assert first.images.decoded == 12 and len(cache) == 12
     assert [tuple(s) for s in cache.sizes] == [a.shape[:2] for a in first.images.arrays]
-    # A uniform image stays uniform through the resize: pixels land where they belong.
+    for i, original in enumerate(first.images.arrays):
+        stored = cache.image(i)
+        assert stored.dtype == np.uint8 and stored.shape == (3, *stored_size(*original.shape[:2], 24))
+        if min(original.shape[:2]) <= 24:  # small enough: kept exactly as decoded
+            assert np.array_equal(stored, original.transpose(2, 0, 1))
+    assert any(min(a.shape[:2]) > 24 for a in first.images.arrays)  # and some were shrunk
+    # A uniform image stays uniform through the shrink: pixels land where they belong.
     flat = ImageSet(CountingImages([np.full((30, 50, 3), (10, 20, 30), np.uint8)]), np.array([0]), ["a"], ["flat"])
-    assert (open_cache(flat, 16, root=tmp_path, show=False).pixels[0] == np.array([10, 20, 30])[:, None, None]).all()
+    shrunk = open_cache(flat, 16, root=tmp_path, show=False).image(0)
+    assert shrunk.shape == (3, 16, 27) and (shrunk == np.array([10, 20, 30])[:, None, None]).all()
 
     again = image_set()  # the same data in a new process-like object: nothing is decoded
     reused = open_cache(again, 24, root=tmp_path, show=False)
     assert again.images.decoded == 0
     assert reused.path == cache.path and np.array_equal(reused.pixels, cache.pixels)
+
+
+def test_stored_size_keeps_small_images_and_the_aspect_of_large_ones():
+    assert stored_size(160, 240, 448) == (160, 240)  # a HAR thumbnail at 224 px: as it is
+    assert stored_size(900, 1200, 448) == (448, 597)  # shorter side to the limit
+    assert stored_size(300, 2000, 448) == (134, 896)  # a panorama: longer side to twice the limit
 
 
 def test_building_leaves_the_global_random_streams_alone(tmp_path):
@@ -77,7 +89,7 @@ def test_other_data_side_or_filter_is_another_entry(tmp_path):
         cache = open_cache(images, 24, root=tmp_path, show=False)
         assert images.images.decoded == len(images) and cache.path != base.path
     bigger = image_set()
-    assert open_cache(bigger, 32, root=tmp_path, show=False).pixels.shape[-1] == 32 and bigger.images.decoded == 12
+    assert open_cache(bigger, 32, root=tmp_path, show=False).limit == 32 and bigger.images.decoded == 12
     bilinear = image_set()
     open_cache(bilinear, 24, "bilinear", root=tmp_path, show=False)
     assert bilinear.images.decoded == 12

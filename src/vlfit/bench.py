@@ -292,6 +292,7 @@ def _vlfit_side(cfg_dict: dict[str, Any], data_dir: str, cache_dir: str, opts: B
                  "peak_mem_mb": step_mem, "mem_kind": mem_kind},
         "pipeline": cfg.data.pipeline, "loader_workers": cfg.data.num_workers,
         "cache_build_s" if cfg.data.pipeline == "cached" else "loader_setup_s": prepare_s,
+        "cache_bytes": cache.meta["bytes"] if (cache := getattr(train_loader.dataset, "cache", None)) else None,
         "epoch_s": [e[0] for e in epochs], "images_per_s": last[1] / last[0],
         "first_epoch_images_per_s": epochs[0][1] / epochs[0][0],
         "peak_mem_mb": e2e_mem, "mem_kind": mem_kind,
@@ -475,8 +476,8 @@ def format_table(record: dict[str, Any]):
                   f"{step['gflop_per_image']:.3g} GFLOP/image, {step['tflops']:.3g} TFLOP/s = "
                   f"{step['fraction_of_matmul']:.0%} of {record['matmul']['tflops']:.3g} TFLOP/s "
                   f"{record['matmul']['dtype']} matmul")
-    setup = (f"cache built in {v['cache_build_s']:.1f} s" if "cache_build_s" in v
-             else f"loader setup {v['loader_setup_s']:.1f} s")
+    setup = (f"cache of {v['cache_bytes'] / 2**20:,.0f} MiB built in {v['cache_build_s']:.1f} s"
+             if "cache_build_s" in v else f"loader setup {v['loader_setup_s']:.1f} s")
     table.add_row(f"vlfit epoch, {v['pipeline']} pipeline", f"{v['images_per_s']:,.0f}", ratio(v["images_per_s"]),
                   f"{v['peak_mem_mb']:,.0f}", f"{setup}; first epoch {v['first_epoch_images_per_s']:,.0f} images/s")
     for t in record["trainer"]:

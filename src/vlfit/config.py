@@ -113,13 +113,17 @@ class DataConfig(_Section):
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range
     hflip: float = Field(0.5, ge=0.0, le=1.0)  # horizontal-flip probability
     num_workers: int = Field(0, ge=0)  # worker processes that decode images: the load-time check and the DataLoader
-    # "cached" is the default: it decodes each image once into an on-disk cache and crops, flips and
-    # normalises whole batches on the training device, so JPEG decoding stops bounding a GPU's speed;
-    # its crops follow torchvision's RandomResizedCrop distribution (tests/test_gpu_transforms.py).
-    # "torchvision" decodes and augments every image on the CPU each epoch: the reference path.
+    # "cached" is the default: it decodes each image once into an on-disk cache and crops, flips,
+    # resizes and normalises whole batches on the training device, so JPEG decoding stops bounding a
+    # GPU's speed; its crops and resizes are torchvision's RandomResizedCrop and the backbone's own
+    # processor, computed from the stored pixels (tests/test_fidelity.py). "torchvision" decodes and
+    # augments every training image on the CPU each epoch: the reference path. Evaluation is the
+    # same on both.
     pipeline: Literal["cached", "torchvision"] = "cached"  # input pipeline (see above)
     cache_dir: str | None = None  # cached: where decoded images are kept; null: $XDG_CACHE_HOME/vlfit or ~/.cache/vlfit
-    cache_size: int | None = Field(None, ge=16, le=2048)  # cached: stored side; null: 1.15 x the backbone's input
+    # images with a longer shorter side are stored shrunk to it (aspect kept); null: twice what the smallest
+    # crop needs, 2 x input / sqrt(crop_scale[0]) (634 px at 224 px and crop_scale 0.5); smaller images are kept exactly
+    cache_size: int | None = Field(None, ge=16, le=4096)
 
     @field_validator("crop_scale", "crop_ratio")
     @classmethod

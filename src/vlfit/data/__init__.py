@@ -3,7 +3,7 @@
 from vlfit.data.prepare import prepare_data, survey_data
 from vlfit.data.sources import ImageSet, load_source
 from vlfit.data.split import Split, load_split, stratified_split
-from vlfit.data.transforms import eval_transform, train_transform
+from vlfit.data.transforms import train_transform
 
 __all__ = ["ImageSet", "load_source", "prepare_data", "survey_data", "Split", "load_split", "stratified_split",
-           "eval_transform", "train_transform"]
+           "train_transform"]

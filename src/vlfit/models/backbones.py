@@ -49,6 +49,7 @@ class Preprocess:
     std: tuple[float, float, float]
     resize: str = "shortest_edge"  # shortest_edge + center crop (CLIP) or "squash" to a square (SigLIP)
     interpolation: str = "bicubic"
+    shortest_edge: int | None = None  # shortest_edge: the side resized to before the centre crop (None: image_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -326,17 +327,22 @@ def _read_preprocess(name: str, cls: type[Backbone], image_size: int) -> Preproc
         log.warning("%s has no preprocessor_config.json; using %s defaults", name, cls.family)
         return defaults
     proc = json.loads(Path(path).read_text())
-    size = proc.get("crop_size") if proc.get("do_center_crop") else proc.get("size")
-    if isinstance(size, dict):
-        size = size.get("height") or size.get("shortest_edge")
+    crop = proc.get("do_center_crop")
+    size, resized = _side(proc.get("crop_size") if crop else proc.get("size")), _side(proc.get("size"))
     resample = {2: "bilinear", 3: "bicubic"}.get(proc.get("resample"), defaults.interpolation)
     return Preprocess(
         image_size=int(size or image_size),
         mean=tuple(proc.get("image_mean", defaults.mean)),
         std=tuple(proc.get("image_std", defaults.std)),
-        resize="shortest_edge" if proc.get("do_center_crop") else "squash",
+        resize="shortest_edge" if crop else "squash",
         interpolation=resample,
+        shortest_edge=int(resized) if crop and resized and resized != size else None,
     )
+
+
+def _side(size: int | dict | None) -> int | None:
+    """A processor config's size entry ({"height": .., "width": ..}, {"shortest_edge": ..} or an int) as one side."""
+    return size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
 
 
 def _first_line(err: Exception) -> str:
