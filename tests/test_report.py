@@ -256,7 +256,7 @@ def test_predict_errors_are_clear(compared, run_cli, tmp_path):
     out, _ = compared
     run = runs_of(out)[0]
     (tmp_path / "notes.png").write_text("not an image")
-    for args, message in [([tmp_path / "missing.jpg"], "no such file"), ([tmp_path / "notes.png"], "not a readable image"),
+    for args, message in [([tmp_path / "missing.jpg"], "no such file"), ([tmp_path / "notes.png"], "not an image"),
                           ([tmp_path / "notes.png", "--top-k", "0"], "top-k")]:
         result = run_cli("predict", run, *args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -193,7 +193,8 @@ def predict(run_dir: Path, images: tuple[Path, ...], top_k: int, csv_path: Path 
         echo(f"{len(rows)} images: predictions in {csv_path}")
         return
     for p in predictions:
-        echo(f"{p.path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
+        echo(f"{p.path}: " + (f"skipped: {p.problem}" if p.problem else
+                              ", ".join(f"{name} {prob:.3f}" for name, prob in p.top)))
 
 
 def print_summary(report: Path) -> None:
