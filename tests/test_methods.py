@@ -2,8 +2,6 @@
 
 import json
 import math
-import statistics
-import time
 
 import numpy as np
 import pytest
@@ -128,7 +126,8 @@ def test_attentive_masking_keeps_the_most_salient_patches():
 
 
 def test_attentive_masking_in_blocks_keeps_whole_salient_cells():
-    masker = AttentiveMasking(build_backbone("tiny-clip"), keep_ratio=0.25, block=2)  # 4x4 cells of 2x2
+    # 4x4 cells of 2x2; A-CLIP's count keeps int(16 * 0.2) + 1 = 4 of them
+    masker = AttentiveMasking(build_backbone("tiny-clip"), keep_ratio=0.2, block=2)
     saliency = torch.zeros(1, 8, 8)
     for r, c in [(0, 0), (1, 3), (2, 1), (3, 3)]:  # four cells out of sixteen
         saliency[0, 2 * r:2 * r + 2, 2 * c:2 * c + 2] = 1.0
@@ -171,8 +170,9 @@ def test_ema_teacher_follows_and_frozen_teacher_stays():
     assert not any(p.requires_grad for p in ema.teacher.parameters())
 
 
-def test_masking_cuts_encoder_tokens_flops_and_time(capsys):
-    """At keep 0.5, a tiny-CLIP training step encodes half the patches, in fewer FLOPs and less time."""
+def test_masking_cuts_encoder_tokens_and_flops():
+    """At keep 0.5, a tiny-CLIP training step encodes half the patches, in fewer FLOPs (the time it saves
+    is measured by `vlfit bench`, not asserted here)."""
     torch.manual_seed(0)
     backbone = build_backbone("tiny-clip")
     model = ImageClassifier(backbone, 15)
@@ -181,40 +181,28 @@ def test_masking_cuts_encoder_tokens_flops_and_time(capsys):
     backbone.tower.encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]),
                                                      with_kwargs=True)
 
-    def step(keep):
-        F.cross_entropy(model(x, keep), y).backward()
-
-    def measure(masker):
+    def flops(masker):
         keep = masker.train()(x, backbone)
         with FlopCounterMode(display=False) as counter:
-            step(keep)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            step(masker(x, backbone))
-            times.append(time.perf_counter() - t0)
-        return counter.get_total_flops(), statistics.median(times)
+            F.cross_entropy(model(x, keep), y).backward()
+        return counter.get_total_flops()
 
-    full_flops, full_time = measure(RandomMasking(1.0))
-    half_flops, half_time = measure(RandomMasking(0.5))
-    with capsys.disabled():
-        print(f"\ntiny-clip train step, batch 32: keep 1.0: {full_flops / 1e9:.2f} GFLOP {full_time * 1e3:.0f} ms; "
-              f"keep 0.5: {half_flops / 1e9:.2f} GFLOP {half_time * 1e3:.0f} ms")
-    assert seen[0] == 65 and seen[6] == 33  # CLS + 64 patches, then CLS + 32
-    assert half_flops < 0.6 * full_flops
-    assert half_time < full_time
+    full, half = flops(RandomMasking(1.0)), flops(RandomMasking(0.5))
+    assert seen == [65, 33]  # CLS + 64 patches, then CLS + 32
+    assert half < 0.6 * full
 
 
 def test_masked_runs_record_kept_tokens_and_saliency_time(tmp_path):
     _, records = run(tmp_path, ["model.mask.kind=attentive", "model.mask.block=2"])
-    assert all(r["kept_tokens"] == 32 and r["kept_token_fraction"] == 0.5 and r["saliency_time_s"] > 0
+    # 8x8 patches in 16 cells of 2x2: A-CLIP keeps int(16 * 0.5) + 1 = 9 cells, 36 patches
+    assert all(r["kept_tokens"] == 36 and r["kept_token_fraction"] == 36 / 64 and r["saliency_time_s"] > 0
                for r in records)
     assert (tmp_path / "checkpoints" / "best" / "model.safetensors").is_file()
-    # Example masks for the report: validation images as the model sees them, half their 2x2 cells kept.
+    # Example masks for the report: validation images as the model sees them, 9 of their 16 2x2 cells kept.
     examples = np.load(tmp_path / "mask_examples.npz")
     images, keep = examples["images"], examples["keep"]
     assert images.dtype == np.uint8 and images.shape[1:] == (64, 64, 3) and images.std() > 0
-    assert keep.shape == (len(images), 8, 8) and (keep.reshape(len(images), -1).sum(1) == 32).all()
+    assert keep.shape == (len(images), 8, 8) and (keep.reshape(len(images), -1).sum(1) == 36).all()
     assert (keep[:, ::2, ::2] == keep[:, 1::2, 1::2]).all()  # whole 2x2 blocks
     assert len(examples["titles"]) == len(images)
 
