@@ -73,6 +73,7 @@ INVALID = {
     "model.mask.kind": not_one_of("none", "random", "attentive"),
     "model.mask.keep_ratio": invalid_floats(0.0, 1.0, low_open=True),
     "model.mask.block": st.one_of(st.integers(3, 64), st.integers(max_value=0), not_a_number),
+    "model.mask.unmasked_epochs": invalid_ints(0),
     "model.lora.r": invalid_ints(1),
     "loss.contrastive_weight": st.one_of(st.floats(max_value=-1e-6, allow_nan=False, allow_infinity=False),
                                          not_finite, not_a_number),
@@ -85,6 +86,8 @@ COMBINATIONS = [
     ({"train.precision": "fp16", "train.device": "cpu"}, "train.device"),
     ({"model.finetune": "linear_probe", "model.mask.kind": "random"}, "model.mask.kind"),
     ({"model.finetune": "linear_probe", "loss.contrastive_weight": 1.0}, "loss.contrastive_weight"),
+    ({"model.mask.unmasked_epochs": 1, "train.epochs": 3}, "model.mask.unmasked_epochs"),  # nothing masked before it
+    ({"model.mask.kind": "random", "model.mask.unmasked_epochs": 1}, "model.mask.unmasked_epochs"),  # of 1 epoch
     ({"wise_ft.alphas": [0.5]}, "wise_ft.alphas"),
     ({"loss.train_text": True}, "loss.train_text"),
 ]

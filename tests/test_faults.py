@@ -341,21 +341,38 @@ def test_loader_workers_change_nothing(overrides, reference, tmp_path):
     assert_same_outcome(outcome(tmp_path), reference)
 
 
-def test_masked_run_with_ema_teacher_resumes_exactly(clip_dir, tmp_path):
-    """The EMA teacher chooses which tokens the online tower sees: resume must restore it exactly."""
-    overrides = [*tiny(clip_dir), "model.mask.kind=attentive", "model.mask.block=2", "loss.contrastive_weight=0.5"]
+@pytest.fixture(scope="module")
+def masked_overrides(clip_dir) -> list[str]:
+    # The third epoch (steps 17-24) is FLIP's unmasked phase.
+    return [*tiny(clip_dir), "model.mask.kind=attentive", "model.mask.block=2", "loss.contrastive_weight=0.5",
+            "model.mask.unmasked_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def masked_reference(masked_overrides, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("masked-reference")
+    train(load_config(DEMO, masked_overrides), run_dir, show=False)
+    return run_dir
+
+
+# Killed in the masked phase (resumed from step 12, it crosses into the unmasked phase) and inside
+# the unmasked phase (resumed from step 18, part way through it).
+@pytest.mark.parametrize("kill_step,resumed_from", [(13, 12), (20, 18)])
+def test_masked_run_with_ema_teacher_resumes_exactly(kill_step, resumed_from, masked_overrides, masked_reference,
+                                                     tmp_path):
+    """The EMA teacher chooses which tokens the online tower sees, and the epoch whether it masks at
+    all: resume must restore the one and replay the other exactly."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(HELPER), "SIGKILL", "step:13", "--", "train", str(DEMO), *as_set_args(overrides),
-           "--run-dir", str(killed)]
+    cmd = [sys.executable, str(HELPER), "SIGKILL", f"step:{kill_step}", "--", "train", str(DEMO),
+           *as_set_args(masked_overrides), "--run-dir", str(killed)]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     state = json.loads((killed / "checkpoints" / "last" / "state.json").read_text())
     assert "teacher" in state["parts"]  # the teacher is part of what a checkpoint holds
-    train(load_config(DEMO, overrides), killed, show=False, resume=True)
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    train(load_config(DEMO, overrides), reference, show=False)
-    assert_same_outcome(outcome(killed), outcome(reference))
+    assert state["meta"]["step"] == resumed_from  # the periodic checkpoint before the kill
+    train(load_config(DEMO, masked_overrides), killed, show=False, resume=True)
+    assert_same_outcome(outcome(killed), outcome(masked_reference))
+    records = MetricsLog.read(masked_reference / "metrics.jsonl")
     # 4x4 patches in 4 cells of 2x2: A-CLIP's count keeps int(4 * 0.5) + 1 = 3 cells
-    assert all(r["kept_token_fraction"] == 0.75 for r in MetricsLog.read(reference / "metrics.jsonl"))
+    assert [(r["masked"], r["kept_token_fraction"]) for r in records] == [(True, 0.75), (True, 0.75), (False, 1.0)]

@@ -31,6 +31,13 @@ def test_reference_configs_follow_the_report(path):
     if path.stem.startswith("aclip"):
         assert cfg.train.micro_batch * cfg.train.accum_steps == 4096 == 64 * 64
         assert cfg.model.mask.kind == "attentive" and cfg.loss.contrastive_weight > 0
+        assert cfg.model.mask.unmasked_epochs == 0  # the report describes no unmasked final phase
+
+
+@pytest.mark.parametrize("path", [p for p in HAR if p.stem.endswith("recommended")], ids=lambda p: p.stem)
+def test_recommended_masked_configs_end_unmasked(path):
+    mask = load_config(path).model.mask
+    assert mask.kind == "none" or mask.unmasked_epochs == 1  # FLIP: a short unmasked tuning at the end
 
 
 @pytest.mark.parametrize("path", HAR, ids=lambda p: p.stem)

@@ -98,7 +98,7 @@ def test_keeping_every_token_is_the_unmasked_model(name):
 def test_keep_ratio_one_trains_exactly_like_no_mask(tmp_path):
     _, plain = run(tmp_path / "plain", [])
     _, masked = run(tmp_path / "masked", ["model.mask.kind=random", "model.mask.keep_ratio=1.0"])
-    drop = {"epoch_time_s", "train_images_per_s", "peak_mem_mb", "kept_tokens", "kept_token_fraction",
+    drop = {"epoch_time_s", "train_images_per_s", "peak_mem_mb", "masked", "kept_tokens", "kept_token_fraction",
             "saliency_time_s", "train_images_per_s_per_process", "peak_mem_mb_per_process"}
     assert [{k: v for k, v in r.items() if k not in drop} for r in plain] == \
            [{k: v for k, v in r.items() if k not in drop} for r in masked]
@@ -205,6 +205,49 @@ def test_masked_runs_record_kept_tokens_and_saliency_time(tmp_path):
     assert keep.shape == (len(images), 8, 8) and (keep.reshape(len(images), -1).sum(1) == 36).all()
     assert (keep[:, ::2, ::2] == keep[:, 1::2, 1::2]).all()  # whole 2x2 blocks
     assert len(examples["titles"]) == len(images)
+
+
+def test_unmasked_epochs_switch_off_the_masker_and_its_teacher():
+    cfg = load_config(None, ["model.mask.kind=attentive", "train.epochs=3", "model.mask.unmasked_epochs=1"])
+    classifier, text = build_classifier(cfg, CLASSES)
+    task = build_task(cfg, classifier, text, CLASSES).train()
+    with torch.no_grad():
+        for p in classifier.backbone.parameters():
+            p.add_(1.0)  # the online tower moves away from the teacher, which the EMA would follow
+    teacher = task.masker.teacher.tower.embeddings.patch_embedding.weight
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    for epoch, masked in [(2, True), (3, False), (1, True)]:  # the phase follows the epoch, in any order
+        task.start_epoch(epoch)
+        before = teacher.clone()
+        task(x, y)
+        task.after_optimizer_step(progress=0.5)
+        stats = task.epoch_stats()
+        assert (stats["masked"], stats["kept_token_fraction"]) == (masked, 0.5 if masked else 1.0)
+        assert (stats["saliency_time_s"] > 0) == masked
+        assert torch.equal(teacher, before) != masked
+
+
+def test_unmasked_final_epochs_see_every_token_and_change_nothing_else(tmp_path, monkeypatch):
+    calls = []
+    saliency = AttentiveMasking.saliency
+    monkeypatch.setattr(AttentiveMasking, "saliency", lambda self, x: calls.append(len(x)) or saliency(self, x))
+    flip = ["model.mask.kind=attentive", "model.mask.block=2", "train.epochs=3"]
+    _, records = run(tmp_path / "flip", [*flip, "model.mask.unmasked_epochs=1"])
+    # The teacher ran on the 3 micro-batches of epochs 1 and 2 only, then on the report's 6 examples.
+    assert calls == [32, 32, 32] * 2 + [6]
+    _, masked = run(tmp_path / "masked", flip)
+    assert [(r["masked"], r["kept_tokens"], r["kept_token_fraction"]) for r in records] == \
+           [(True, 36, 36 / 64), (True, 36, 36 / 64), (False, 64, 1.0)]  # 9 of 16 cells of 2 x 2
+    assert records[0]["saliency_time_s"] > 0 and records[1]["saliency_time_s"] > 0
+    assert records[2]["saliency_time_s"] == 0.0
+    # The masked epochs are those of a run without the phase; the learning rate schedule goes on alike.
+    timing = {"epoch_time_s", "train_images_per_s", "peak_mem_mb", "saliency_time_s",
+              "train_images_per_s_per_process", "peak_mem_mb_per_process"}
+    same = lambda r: {k: v for k, v in r.items() if k not in timing}  # noqa: E731
+    assert [same(r) for r in records[:2]] == [same(r) for r in masked[:2]]
+    assert (records[2]["lr"], records[2]["step"]) == (masked[2]["lr"], masked[2]["step"])
+    assert records[2]["train_loss"] != masked[2]["train_loss"]
+    assert "unmasked_epochs: 1" in (tmp_path / "flip" / "config.yaml").read_text()
 
 
 # ---------------------------------------------------------------- dual loss

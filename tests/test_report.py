@@ -15,6 +15,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from matplotlib.colors import to_rgb
+from matplotlib.legend import Legend
 from PIL import Image
 
 from vlfit.cli import cli, main
@@ -24,7 +26,7 @@ from vlfit.data import load_source, load_split
 from vlfit.errors import UserError
 from vlfit.evaluate import classification_metrics
 from vlfit.metrics import MetricsLog
-from vlfit.report import build_report, write_mask_examples
+from vlfit.report import build_report, load_run, plots, write_mask_examples
 from vlfit.report.plots import mask_overlay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,12 +294,15 @@ def test_classification_metrics_by_hand():
     assert m["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
 
 
-def fake_run(path: Path, name: str, acc: list[float], masked: bool, rng: np.random.Generator) -> Path:
-    """A run directory written by hand, as a masked run (kept_token_fraction, saliency_time_s) would write it."""
+def fake_run(path: Path, name: str, acc: list[float], masked: bool, rng: np.random.Generator,
+             unmasked: int = 0) -> Path:
+    """A run directory written by hand, as a masked run (kept_token_fraction, saliency_time_s) would write it;
+    with `unmasked`, as one whose last epochs trained on every token, before that it wrote no "masked" key."""
     path.mkdir(parents=True)
     config = yaml.safe_load(load_config(None, ["name=" + name]).to_yaml())
     if masked:  # as the masking methods' configs name them
-        config["model"] |= {"finetune": "lora", "mask": {"kind": "attentive", "keep_ratio": 0.5}}
+        config["model"] |= {"finetune": "lora", "mask": {"kind": "attentive", "keep_ratio": 0.5,
+                                                         "unmasked_epochs": unmasked}}
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     classes = ["a", "b", "c"]
     for i, a in enumerate(acc, 1):
@@ -306,6 +311,9 @@ def fake_run(path: Path, name: str, acc: list[float], masked: bool, rng: np.rand
                   "mem_kind": "cuda_max_allocated", "lr": 1e-3, "step": 4 * i}
         if masked:
             record |= {"kept_token_fraction": 0.5, "saliency_time_s": 0.3 * i}
+        if unmasked:
+            on = i <= len(acc) - unmasked
+            record |= {"masked": on, "kept_token_fraction": 0.5 if on else 1.0, "saliency_time_s": 0.3 if on else 0.0}
         MetricsLog(path / "metrics.jsonl").append(record)
     (path / "summary.json").write_text(json.dumps({"name": name, "backbone": "tiny-clip", "trainable_params": 1000,
                                                    "total_params": 1000}))
@@ -335,6 +343,32 @@ def test_masking_columns_and_figures_appear_only_for_masked_runs(tmp_path):
     build_report([plain], tmp_path / "plain-report")
     assert "kept tokens" not in (tmp_path / "plain-report" / "report.md").read_text()
     assert not (tmp_path / "plain-report" / "masking.png").exists()
+
+
+def test_report_marks_the_unmasked_final_epochs(tmp_path):
+    rng = np.random.default_rng(0)
+    old = fake_run(tmp_path / "old", "old", [0.3, 0.5, 0.4], True, rng)  # written before the phase existed
+    flip = fake_run(tmp_path / "flip", "flip", [0.4, 0.6, 0.5, 0.7], True, rng, unmasked=2)
+    build_report([old, flip], tmp_path / "report")
+    rows = json.loads((tmp_path / "report" / "summary.json").read_text())["runs"]
+    assert rows[1]["method"] == "LoRA, attentive masking, keep 0.5, last 2 epochs unmasked"
+    assert (rows[0]["method"], rows[0]["unmasked_epochs"], rows[1]["unmasked_epochs"]) == \
+           ("LoRA, attentive masking, keep 0.5", 0, 2)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "flip keeps 75% of tokens on average" in text and "its last 2 epochs trained on every token" in text
+    assert "_Epochs 3-4 trained on every token (unmasked phase)" in text  # under flip's epoch table, only there
+    assert text.count("trained on every token (unmasked phase)") == 1
+    assert markdown_tables(text)["flip"][3][-2:] == ["1.00", "0.0"]
+    # Both curve figures say what their shading is, in alt text and caption.
+    assert text.count("Shaded, in a run's colour: the final epochs it trained on every token") == 2 * 2
+    # The curves shade the span the unmasked epochs trained over (from the end of epoch 2 to the end
+    # of epoch 4), in the run's colour, and only for that run.
+    for figure in (plots.accuracy_curves, plots.loss_curves):
+        ax = figure([load_run(old), load_run(flip)], ["old", "flip"]).axes[0]
+        [span] = ax.patches
+        assert (span.get_bbox().x0, span.get_bbox().x1) == (2.0, 3.0 + 1.0)
+        assert span.get_facecolor()[:3] == to_rgb(plots.color(1))
+        assert "unmasked epochs" in [t.get_text() for legend in ax.findobj(Legend) for t in legend.get_texts()]
 
 
 def test_mask_overlay_dims_dropped_tokens():

@@ -27,18 +27,22 @@ log = logging.getLogger(__name__)
 class FineTuner(nn.Module):
     """Classifier + optional token masking + optional contrastive term against class prompts.
 
-    In eval mode it is the plain classifier on every token, with plain cross-entropy.
+    In eval mode it is the plain classifier on every token, with plain cross-entropy. The masker
+    works in epochs 1..`masked_epochs` (None: every epoch); after them the task trains on every token
+    (FLIP's unmasked phase), as `start_epoch` says.
     With `cached_features`, inputs are the head's features (linear probe on a frozen backbone).
     """
 
     def __init__(self, classifier: ImageClassifier, classes: list[str], masker: nn.Module | None = None,
                  text: TextTower | None = None, templates: tuple[str, ...] = DEFAULT_TEMPLATES,
                  contrastive_weight: float = 0.0, train_text: bool = False, label_smoothing: float = 0.0,
-                 cached_features: bool = False):
+                 cached_features: bool = False, masked_epochs: int | None = None):
         super().__init__()
         self.classifier = classifier
         self.classes = classes
         self.masker = masker
+        self.masked_epochs = masked_epochs
+        self.masking = masker is not None  # whether the masker works in the epoch under way
         self.text = text
         self.templates = templates
         self.contrastive_weight = contrastive_weight
@@ -58,7 +62,7 @@ class FineTuner(nn.Module):
             logits = clf.head(clf.dropout(inputs))
             return {"loss": self._cross_entropy(logits, labels), "logits": logits}
         keep = None
-        if self.masker is not None and self.training:
+        if self.masking and self.training:
             with self.saliency_timer(inputs.device):
                 keep = self.masker(inputs, clf.backbone)
             if keep is not None:
@@ -94,9 +98,19 @@ class FineTuner(nn.Module):
             grid = torch.zeros_like(grid).scatter_(1, keep, True)
         return grid.view(-1, backbone.grid, backbone.grid)
 
+    def start_epoch(self, epoch: int) -> None:
+        """Called as epoch `epoch` (1-based) starts, a resumed one included: chooses its phase, so the
+        phase is a function of the epoch alone and a resume replays it exactly."""
+        masking = self.masker is not None and (self.masked_epochs is None or epoch <= self.masked_epochs)
+        if self.masking and not masking:
+            log.info("epoch %d: the unmasked phase begins: the remaining epochs train on every token", epoch)
+        self.masking = masking
+
     def after_optimizer_step(self, progress: float) -> None:
         """Called after each optimizer step; `progress` in [0, 1] is the share of training done."""
-        if isinstance(self.masker, AttentiveMasking):
+        # Unmasked epochs need no teacher: its EMA stops with the masking, keeping the teacher that
+        # chose the last masked tokens (the one the report's mask examples show).
+        if isinstance(self.masker, AttentiveMasking) and self.masking:
             self.masker.update_teacher(self.classifier.backbone, progress)
 
     def extra_state(self) -> dict[str, nn.Module]:
@@ -116,12 +130,13 @@ class FineTuner(nn.Module):
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def epoch_stats(self) -> dict[str, Any]:
-        """Masking statistics since the last call (empty without masking); resets them."""
+        """Masking statistics since the last call (empty without masking); resets them. In an
+        unmasked epoch every token is kept and no saliency is computed."""
         if self.masker is None:
             return {}
         n_patches = self.classifier.backbone.grid ** 2
         kept = self.kept_tokens / self.masked_images if self.masked_images else float(n_patches)
-        stats = {"kept_tokens": kept, "kept_token_fraction": kept / n_patches,
+        stats = {"masked": self.masking, "kept_tokens": kept, "kept_token_fraction": kept / n_patches,
                  "saliency_time_s": self.saliency_timer.total()}
         self.kept_tokens = self.masked_images = 0
         self.saliency_timer.reset()
@@ -168,7 +183,8 @@ def build_task(cfg: Config, classifier: ImageClassifier, text: TextTower | None,
     if text is not None:
         text.requires_grad_(cfg.loss.train_text)  # tower, projection and logit scale/bias train together
     return FineTuner(classifier, classes, masker, text if contrastive else None, templates(cfg),
-                     cfg.loss.contrastive_weight, cfg.loss.train_text, cfg.train.label_smoothing, cached_features)
+                     cfg.loss.contrastive_weight, cfg.loss.train_text, cfg.train.label_smoothing, cached_features,
+                     masked_epochs=cfg.train.epochs - mask.unmasked_epochs)
 
 
 def templates(cfg: Config) -> tuple[str, ...]:

@@ -134,6 +134,7 @@ def _train(cfg: Config, run_dir: Path, show: bool, resume: bool) -> dict[str, An
         safeguards = Safeguards(checkpoints, parts, meta, guard, stop, run_dir)
         for epoch in range(progress.epoch, cfg.train.epochs + 1):
             reset_peak_memory(accelerator.device)
+            task.start_epoch(epoch)  # its phase: masked, or FLIP's unmasked final epochs
             view.start_epoch(epoch, cfg.train.epochs, len(train_loader), done=progress.batches_done)
             batches = on_device(epoch_batches(accelerator, train_loader, epoch, skip=progress.batches_done))
             with explain_oom(cfg.train, "training"):

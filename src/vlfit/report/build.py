@@ -96,6 +96,8 @@ def _blocks(runs: list[Run], labels: list[str], rows: list[dict[str, Any]], fold
 
     acc_cols, cost_cols = summary_columns(rows)
     first = labels[0]
+    shaded = (" Shaded, in a run's colour: the final epochs it trained on every token (FLIP's unmasked phase)."
+              if any(run.unmasked_epochs for run in runs) else "")
     blocks: list[Block] = [Heading("Findings"), Bullets(_findings(rows))]
 
     blocks += [
@@ -107,10 +109,10 @@ def _blocks(runs: list[Run], labels: list[str], rows: list[dict[str, Any]], fold
                "Best validation accuracy against total training time; bars: one binomial standard error."),
         figure("time_memory.png", plots.time_memory_bars(rows), "Mean training time per epoch and peak memory."),
         figure("accuracy.png", plots.accuracy_curves(runs, labels),
-               "Accuracy per epoch: validation solid, training dashed; the star marks the best epoch."),
+               "Accuracy per epoch: validation solid, training dashed; the star marks the best epoch." + shaded),
         figure("loss.png", plots.loss_curves(runs, labels),
                "Loss per epoch: validation solid (cross-entropy), training dashed (the training objective: "
-               "cross-entropy plus the weighted contrastive term for runs that use one)."),
+               "cross-entropy plus the weighted contrastive term for runs that use one)." + shaded),
     ]
 
     scored = [(run, label) for run, label in zip(runs, labels) if run.eval]
@@ -150,6 +152,9 @@ def _blocks(runs: list[Run], labels: list[str], rows: list[dict[str, Any]], fold
         titles, cells, best = epoch_table(run)
         cells[best][0] += " (best)"
         blocks += [Heading(label, 3), Table(titles, cells, marked_row=best)]
+        if run.unmasked_epochs:
+            blocks.append(Text(f"{_epochs_in_words(run.unmasked_epochs).capitalize()} trained on every token "
+                               "(unmasked phase): no masking, no saliency pass.", note=True))
     blocks += [Text("Time is the training phase of each epoch (wall clock, evaluation excluded); images/s counts "
                     "training images. The best epoch is the one with the highest validation accuracy.", note=True)]
 
@@ -226,10 +231,17 @@ def _findings(rows: list[dict[str, Any]]) -> list[str]:
         if r.get("kept_token_fraction") is not None:
             sal = r.get("saliency_time_s")
             share = f", saliency {sal:.1f} s ({sal / r['total_train_time_s']:.0%} of training time)" if sal is not None else ""
-            items.append(f"{r['model']} keeps {r['kept_token_fraction']:.0%} of tokens on average{share}.")
+            unmasked = r.get("unmasked_epochs")
+            phase = (f"; its last {unmasked} epoch{'s' if unmasked > 1 else ''} trained on every token "
+                     "(FLIP's unmasked phase)") if unmasked else ""
+            items.append(f"{r['model']} keeps {r['kept_token_fraction']:.0%} of tokens on average{share}{phase}.")
     items.append("Best validation accuracy selects its epoch on the validation set itself, so it is optimistic; "
                  "final validation accuracy involves no selection.")
     return items
+
+
+def _epochs_in_words(epochs: list[int]) -> str:
+    return f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
 
 
 def _cost_note(rows: list[dict[str, Any]]) -> str:

@@ -12,6 +12,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from vlfit.report.runs import Run
@@ -45,13 +46,14 @@ def save_png(fig: Figure, path: Path, dpi: int = 110) -> None:
 
 @_styled
 def accuracy_curves(runs: list[Run], labels: list[str]) -> Figure:
-    """Validation (solid) and training (dashed) accuracy per epoch of every run on one chart; a star marks the best epoch."""
+    """Validation (solid) and training (dashed) accuracy per epoch of every run on one chart; a star marks the best
+    epoch, a shaded span in a run's colour the epochs it trained unmasked."""
     return _curves(runs, labels, "acc", "accuracy", "Accuracy per epoch", best_marker=True)
 
 
 @_styled
 def loss_curves(runs: list[Run], labels: list[str]) -> Figure:
-    """Validation (solid) and training (dashed) loss per epoch of every run."""
+    """Validation (solid) and training (dashed) loss per epoch of every run; unmasked epochs shaded."""
     return _curves(runs, labels, "loss", "loss", "Loss per epoch", best_marker=False)
 
 
@@ -65,6 +67,8 @@ def _curves(runs: list[Run], labels: list[str], metric: str, ylabel: str, title:
         if best_marker:
             best = run.best
             ax.plot([best["epoch"]], [best["val_acc"]], "*", color=color(i), ms=16, mec="black", mew=0.8, zorder=5)
+        if run.unmasked_epochs:  # point k ends epoch k: the unmasked epochs trained from k_first - 1 on
+            ax.axvspan(run.unmasked_epochs[0] - 1, run.unmasked_epochs[-1], color=color(i), alpha=0.12, lw=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
@@ -76,6 +80,8 @@ def _curves(runs: list[Run], labels: list[str], metric: str, ylabel: str, title:
               Line2D([], [], color="gray", ls="--", label="training")]
     if best_marker:
         styles.append(Line2D([], [], color="gray", ls="", marker="*", ms=12, mec="black", label="best epoch"))
+    if any(run.unmasked_epochs for run in runs):
+        styles.append(Patch(color="gray", alpha=0.25, lw=0, label="unmasked epochs"))
     ax.legend(handles=styles, loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=len(styles), frameon=False)
     return fig
 

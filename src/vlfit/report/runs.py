@@ -51,6 +51,11 @@ class Run:
     def masked(self) -> bool:
         return any(self.has(k) for k in MASK_KEYS)
 
+    @property
+    def unmasked_epochs(self) -> list[int]:
+        """The epochs of a masked run that trained on every token (FLIP's unmasked final phase)."""
+        return [r["epoch"] for r in self.epochs if r.get("masked") is False]
+
 
 def load_run(path: Path) -> Run:
     """Read the run at `path`; a directory that is not a finished vlfit run is a UserError."""

@@ -85,8 +85,9 @@ def summary_rows(runs: list[Run], labels: list[str]) -> list[dict[str, Any]]:
             "device": run.summary.get("device"),
         }
         if run.masked:
-            row["kept_token_fraction"] = _mean_of(epochs, "kept_token_fraction")
+            row["kept_token_fraction"] = _mean_of(epochs, "kept_token_fraction")  # unmasked epochs included
             row["saliency_time_s"] = _sum_of(epochs, "saliency_time_s")
+            row["unmasked_epochs"] = len(run.unmasked_epochs)
         rows.append(row)
     first = rows[0]
     for row in rows:
@@ -111,6 +112,8 @@ def method_of(run: Run) -> str:
     mask = model.get("mask") or {}
     if mask.get("kind") not in (None, "none"):
         parts.append(f"{mask['kind']} masking, keep {mask.get('keep_ratio')}")
+        if n := mask.get("unmasked_epochs"):
+            parts.append(f"last {n} epoch{'s' if n > 1 else ''} unmasked")
     elif run.masked:
         parts.append("token masking")
     if model.get("head") == "zeroshot":
