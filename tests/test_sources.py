@@ -171,6 +171,14 @@ def test_missing_data_is_a_clear_error(tmp_path, source, path, expected):
         load_source(DataConfig(source=source, path=str(tmp_path / path)))
 
 
+def test_one_class_folder_is_refused_as_one_class_not_as_placeholders(tmp_path):
+    folder = write_imagefolder(tmp_path / "f", [it for it in clean_items(per_class=6) if it.label == "running"])
+    with pytest.raises(UserError) as info:
+        prepare_data(DataConfig(source="imagefolder", path=str(folder)), tmp_path)
+    assert str(info.value) == ("data.train_split: 'train' cannot be trained on: the data has only one class, "
+                               "'running'; a classifier needs at least two")
+
+
 def test_unknown_split_names_the_splits_there_are(tmp_path):
     hub = write_hub_parquet(tmp_path / "hub", {"train": clean_items(per_class=2)})
     with pytest.raises(UserError, match=r"data.train_split: no split 'trian' in .* \(it has: train\)"):

@@ -165,13 +165,16 @@ class Survey:
         return out
 
     def label_problem(self, labels: np.ndarray) -> str | None:
-        """Why these labels cannot score a classifier, or None."""
+        """Why these labels cannot train or score a classifier, or None."""
+        classes = self.catalog.classes
         if len(labels) == 0:
             return "it has no usable images"
+        if len(classes) == 1:
+            return f"the data has only one class, {classes[0]!r}; a classifier needs at least two"
         values = np.unique(labels)
-        if len(values) == 1:
+        if len(values) == 1:  # one label where the data has several classes
             c = int(values[0])
-            return (f"all {len(labels)} labels are {self.catalog.classes[c]!r} (label {c}), which is how placeholder "
+            return (f"all {len(labels)} labels are {classes[c]!r} (label {c}), which is how placeholder "
                     "labels look (the hub copy of HAR marks its unlabelled test split this way)")
         return None
 
