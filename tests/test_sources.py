@@ -125,6 +125,21 @@ def test_train_command_refuses_placeholder_labels_in_one_line(placeholder_hub, t
     assert len(errors) == 1 and "placeholder" in errors[0] and "Traceback" not in result.stderr
 
 
+def test_eval_on_placeholder_labels_is_refused_for_the_reason_training_gives(placeholder_hub, tmp_path, run_vlfit):
+    with pytest.raises(UserError) as info:
+        prepare_data(DataConfig(source="parquet", path=str(placeholder_hub), val_split="test"), tmp_path)
+    reason = str(info.value).split("cannot be used for evaluation: ")[1].split("; it can still")[0]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(load_config(None, ["data.source=parquet", f"data.path={placeholder_hub}", "train.epochs=1",
+                             "train.micro_batch=6", "train.eval_batch=32"]), run_dir, show=False)
+    for override in ("train_split=test", "val_split=test"):
+        code, err = run_vlfit("eval", run_dir, "--data", override)
+        assert code == 2, err
+        assert err.strip() == f"error: --data {override}: 'test' cannot be used for evaluation: {reason}"
+    assert not list(run_dir.glob("eval-*.json"))
+
+
 def test_unlabelled_kaggle_test_split_is_refused_for_evaluation(tmp_path):
     items = clean_items(per_class=4)
     kaggle = write_kaggle(tmp_path / "k", items, test=[Item("Image_900.jpg", None, items[0].data)])

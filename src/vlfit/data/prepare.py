@@ -139,6 +139,22 @@ class Survey:
 
     def problems(self) -> list[str]:
         """Why this data cannot be used for training with honest validation; empty when it can."""
+        cfg, out = self.cfg, self.file_problems()
+        if not self.entries:
+            return out
+        train = self._kept_labels(cfg.train_split)
+        if cfg.train_split in self.catalog.unlabelled:
+            out.append(f"data.train_split: {cfg.train_split!r} has no labels, so it cannot be trained on")
+        elif len(np.unique(train)) < 2:
+            out.append(f"data.train_split: {cfg.train_split!r} cannot be trained on: {self.label_problem(train)}")
+        if cfg.val_split is not None and (why := self.evaluation_problem(cfg.val_split)):
+            out.append(f"data.val_split: {cfg.val_split!r} cannot be used for evaluation: {why}; it can still be "
+                       f"used for prediction. Leave data.val_split unset to hold out data.val_fraction of "
+                       f"{cfg.train_split!r}")
+        return out
+
+    def file_problems(self) -> list[str]:
+        """No images at all, or more unusable ones than data.strict and data.max_bad_fraction allow."""
         cfg, entries, bad = self.cfg, self.entries, self.bad
         if not entries:
             return [f"data.path: no images found in {cfg.location}"]
@@ -149,20 +165,13 @@ class Survey:
         if len(bad) / len(entries) > cfg.max_bad_fraction:
             out.append(f"data.max_bad_fraction: {len(bad)} of {len(entries)} images ({len(bad) / len(entries):.1%}) "
                        f"are unusable, more than the {cfg.max_bad_fraction:.1%} allowed")
-        train = self._kept_labels(cfg.train_split)
-        if cfg.train_split in self.catalog.unlabelled:
-            out.append(f"data.train_split: {cfg.train_split!r} has no labels, so it cannot be trained on")
-        elif len(np.unique(train)) < 2:
-            out.append(f"data.train_split: {cfg.train_split!r} cannot be trained on: "
-                       f"{self.label_problem(train) or 'it has fewer than two classes'}")
-        if cfg.val_split is not None:
-            why = ("it has no labels" if cfg.val_split in self.catalog.unlabelled
-                   else self.label_problem(self._kept_labels(cfg.val_split)))
-            if why:
-                out.append(f"data.val_split: {cfg.val_split!r} cannot be used for evaluation: {why}; it can still be "
-                           f"used for prediction. Leave data.val_split unset to hold out data.val_fraction of "
-                           f"{cfg.train_split!r}")
         return out
+
+    def evaluation_problem(self, split: str) -> str | None:
+        """Why the kept images of `split` cannot score a classifier, or None."""
+        if split in self.catalog.unlabelled:
+            return "it has no labels"
+        return self.label_problem(self._kept_labels(split))
 
     def label_problem(self, labels: np.ndarray) -> str | None:
         """Why these labels cannot train or score a classifier, or None."""
