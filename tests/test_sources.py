@@ -1,5 +1,6 @@
 """Every layout of a dataset gives the same images, classes, ids and split; unusable evaluation data is refused."""
 
+import io
 import json
 import subprocess
 import sys
@@ -9,11 +10,13 @@ import pytest
 import yaml
 from layouts import (CLASSES, Item, clean_items, hf_cache, write_csv, write_disk, write_hub_parquet,  # noqa: F401
                      write_imagefolder, write_kaggle)
+from rich.console import Console
 from safetensors.torch import load_file
 from test_train import TIMING
 
 from vlfit.config import DataConfig, load_config
 from vlfit.data import load_source, prepare_data
+from vlfit.data.inspect import inspect_data
 from vlfit.errors import ConfigError, UserError
 from vlfit.evaluate import evaluate_run
 from vlfit.metrics import MetricsLog
@@ -140,6 +143,17 @@ def test_eval_on_placeholder_labels_is_refused_for_the_reason_training_gives(pla
     assert not list(run_dir.glob("eval-*.json"))
 
 
+def test_inspect_of_refused_data_counts_each_source_split_as_itself(placeholder_hub, tmp_path):
+    out = io.StringIO()
+    cfg = DataConfig(source="parquet", path=str(placeholder_hub), val_split="test")
+    problems = inspect_data(cfg, tmp_path / "report", console=Console(file=out, width=200))
+    assert len(problems) == 1 and "placeholder" in problems[0]
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.getvalue().splitlines() if "│" in line]
+    counts = {row[1]: row[2:] for row in cells if len(row) == 5}  # class: train, val, total
+    assert counts == {"clapping": ["6", "6", "12"], "running": ["6", "0", "6"], "sitting": ["6", "0", "6"],
+                      "all": ["18", "6", "24"]}
+
+
 def test_unlabelled_kaggle_test_split_is_refused_for_evaluation(tmp_path):
     items = clean_items(per_class=4)
     kaggle = write_kaggle(tmp_path / "k", items, test=[Item("Image_900.jpg", None, items[0].data)])
@@ -184,6 +198,12 @@ def test_inconsistent_data_config_is_one_line_naming_the_key(overrides, expected
 def test_missing_data_is_a_clear_error(tmp_path, source, path, expected):
     with pytest.raises(UserError, match=expected):
         load_source(DataConfig(source=source, path=str(tmp_path / path)))
+
+
+def test_csv_with_a_header_and_no_rows_says_so(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,label\n")
+    with pytest.raises(UserError, match=r"^data.path: .*labels.csv has a header but no rows$"):
+        load_source(DataConfig(source="csv", path=str(tmp_path / "labels.csv")))
 
 
 def test_one_class_folder_is_refused_as_one_class_not_as_placeholders(tmp_path):

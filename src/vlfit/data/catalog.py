@@ -345,6 +345,8 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> tuple[list[dict[str, str
     if missing:
         found = ", ".join(columns) or "none"
         raise UserError(f"data.path: {path} needs columns {', '.join(required)} (found: {found})")
+    if not rows:
+        raise UserError(f"data.path: {path} has a header but no rows")
     return rows, columns
 
 
