@@ -1,5 +1,6 @@
 """Every layout of a dataset gives the same images, classes, ids and split; unusable evaluation data is refused."""
 
+import csv
 import io
 import json
 import subprocess
@@ -8,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from layouts import (CLASSES, Item, clean_items, hf_cache, write_csv, write_disk, write_hub_parquet,  # noqa: F401
-                     write_imagefolder, write_kaggle)
+from layouts import (CLASSES, Item, clean_items, encode, hf_cache, picture, write_csv, write_disk,  # noqa: F401
+                     write_hub_parquet, write_imagefolder, write_kaggle)
 from rich.console import Console
 from safetensors.torch import load_file
 from test_train import TIMING
@@ -17,6 +18,7 @@ from test_train import TIMING
 from vlfit.config import DataConfig, load_config
 from vlfit.data import load_source, prepare_data
 from vlfit.data.inspect import inspect_data
+from vlfit.data.synthetic import HAR_CLASSES
 from vlfit.errors import ConfigError, UserError
 from vlfit.evaluate import evaluate_run
 from vlfit.metrics import MetricsLog
@@ -212,6 +214,43 @@ def test_one_class_folder_is_refused_as_one_class_not_as_placeholders(tmp_path):
         prepare_data(DataConfig(source="imagefolder", path=str(folder)), tmp_path)
     assert str(info.value) == ("data.train_split: 'train' cannot be trained on: the data has only one class, "
                                "'running'; a classifier needs at least two")
+
+
+@pytest.fixture
+def mistyped(tmp_path):
+    """A CSV manifest of HAR's 15 classes, 5 images each, and one row whose label is a typo: 'juggling'."""
+    items = clean_items(per_class=5, classes=HAR_CLASSES)
+    return write_csv(tmp_path / "har", [*items, Item("typo.jpg", "juggling", encode(picture("juggling", 0)))])
+
+
+def test_a_class_too_small_to_learn_or_score_is_refused_naming_it(mistyped, tmp_path, run_vlfit):
+    config = tmp_path / "har.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source": "csv", "path": str(mistyped)}}))
+    code, err = run_vlfit("data", "inspect", config, "--out", tmp_path / "report")
+    assert code == 2, err
+    assert err.startswith("error: data.min_class_images: 1 of 16 classes has fewer than 5 images or none to "
+                          "validate on: 'juggling' (1 train, 0 val). A mistyped label")
+    assert "data.classes" in err and "data.allow_small_classes" in err
+    assert not (tmp_path / "report" / "split.json").exists()
+
+
+TYPO_ROW = ("images/typo.jpg", "unknown label 'juggling' (not one of the 15 classes)")
+
+
+@pytest.mark.parametrize("key,classes,bad", [
+    (f"data.classes={list(HAR_CLASSES)}", list(HAR_CLASSES), [TYPO_ROW]),  # the typo is a bad row
+    ("data.allow_small_classes=true", sorted([*HAR_CLASSES, "juggling"]), []),  # the typo is a class
+], ids=["classes", "allow"])
+def test_listed_classes_or_the_allow_key_train_despite_a_small_class(mistyped, tmp_path, key, classes, bad):
+    cfg = load_config(None, ["data.source=csv", f"data.path={mistyped}", key, "train.epochs=1",
+                             "train.micro_batch=8", "train.eval_batch=64"])
+    train(cfg, tmp_path, show=False)
+    assert (tmp_path / "summary.json").is_file()
+    assert (tmp_path / "classes.txt").read_text().split() == classes
+    with (tmp_path / "bad_files.csv").open(newline="") as f:
+        assert [(row["name"], row["reason"]) for row in csv.DictReader(f)] == bad
+    # Allowed, the small class is still reported.
+    assert ("'juggling' (1 train, 0 val)" in (tmp_path / "train.log").read_text()) == (not bad)
 
 
 def test_unknown_split_names_the_splits_there_are(tmp_path):

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 CLASSES, SPLIT, BAD_FILES, DUPLICATES = "classes.txt", "split.json", "bad_files.csv", "duplicates.json"
 # Images handed to the decoding workers at a time: bounds the encoded bytes held in memory.
 _BATCH = 1024
+_SHOWN = 5  # small classes named in a message
 
 
 def prepare_data(cfg: DataConfig, run_dir: Path | None) -> tuple[ImageSet, Split]:
@@ -210,7 +211,8 @@ class Survey:
         return images, split
 
     def split(self, images: ImageSet, origin: np.ndarray, groups: np.ndarray) -> Split:
-        """The run's split: a user's split file, the named validation split, or a stratified hold-out."""
+        """The run's split: a user's split file, the named validation split, or a stratified hold-out; refused
+        when it leaves a side empty or a class too small (`check_class_sizes`)."""
         cfg = self.cfg
         if cfg.split_file is not None:
             split = load_split(Path(cfg.split_file), images)
@@ -228,7 +230,29 @@ class Survey:
         if len(split.val) == 0 or len(split.train) == 0:
             raise UserError(f"the split leaves {len(split.train)} training and {len(split.val)} validation images; "
                             "a run needs both (too few images per class for data.val_fraction?)")
+        self.check_class_sizes(images.labels, split)
         return split
+
+    def check_class_sizes(self, labels: np.ndarray, split: Split) -> None:
+        """Refuse classes with fewer than data.min_class_images images or none to validate on, when the
+        classes were read off the labels found: there a mistyped label is a class of its own, and shifts
+        the index of every class after it. Classes the source or data.classes declares, or
+        data.allow_small_classes, only get a warning."""
+        cfg, classes = self.cfg, self.catalog.classes
+        train, val = (np.bincount(labels[side], minlength=len(classes)) for side in (split.train, split.val))
+        small = [f"{name!r} ({train[c]} train, {val[c]} val)" for c, name in enumerate(classes)
+                 if train[c] + val[c] < cfg.min_class_images or val[c] == 0]
+        if not small:
+            return
+        what = (f"{len(small)} of {len(classes)} classes {'has' if len(small) == 1 else 'have'} fewer than "
+                f"{cfg.min_class_images} images or none to validate on: {', '.join(small[:_SHOWN])}"
+                + (f" and {len(small) - _SHOWN} more" if len(small) > _SHOWN else ""))
+        if self.catalog.declared or cfg.allow_small_classes:
+            log.warning("data: %s", what)
+            return
+        raise UserError(f"data.min_class_images: {what}. A mistyped label becomes a class of its own: list the "
+                        "classes in data.classes (other labels are then skipped as bad rows), or set "
+                        "data.allow_small_classes: true to train on them as they are")
 
     # ------------------------------------------------------------------ records
 
