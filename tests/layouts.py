@@ -33,18 +33,19 @@ def encode(image: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
 
 
 def picture(label: str, k: int, size: int = 32) -> Image.Image:
-    """A learnable picture: the class sets the dominant colour, `k` the noise."""
-    c = CLASSES.index(label) if label in CLASSES else 0
+    """A learnable picture: the class sets the dominant colour, `k` the noise. Labels beyond CLASSES get
+    noise of their own, so no two (label, k) share a picture."""
+    c = CLASSES.index(label) if label in CLASSES else zlib.crc32(label.encode())
     pixels = np.random.default_rng([c, k]).integers(0, 128, (size, size, 3))
-    pixels[:, :, c] += 100
+    pixels[:, :, c % 3] += 100
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def clean_items(per_class: int = 10, size: int = 32) -> list[Item]:
+def clean_items(per_class: int = 10, size: int = 32, classes: list[str] = CLASSES) -> list[Item]:
     """`per_class` distinct JPEGs of each class, named Image_<n>.jpg as in the Kaggle download."""
     items, n = [], 0
     for k in range(per_class):
-        for label in CLASSES:
+        for label in classes:
             n += 1
             items.append(Item(f"Image_{n}.jpg", label, encode(picture(label, k, size), quality=90)))
     return items

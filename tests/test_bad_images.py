@@ -20,6 +20,7 @@ from vlfit.config import DataConfig, load_config
 from vlfit.data import load_source, prepare_data, survey_data
 from vlfit.data.images import BadImage, Limits, decode
 from vlfit.data.inspect import inspect_data
+from vlfit.data.loaders import make_loader
 from vlfit.errors import UserError
 from vlfit.train import train
 
@@ -128,6 +129,32 @@ def test_training_on_faulty_data_completes_and_lists_what_it_skipped(faulty, tmp
     assert summary["epochs"] == 1 and (run_dir / "checkpoints" / "best" / "model.safetensors").is_file()
     assert len(bad_rows(run_dir)) == 11
     assert "skipped 11 unusable images or rows" in (run_dir / "train.log").read_text()
+
+
+def test_eval_scores_exactly_the_val_split_of_a_run_whose_data_had_bad_files(tmp_path, run_vlfit, monkeypatch):
+    planted = [it for it in broken_items() if it.filename in ("truncated.jpg", "tiny.png")]
+    manifest = write_csv(tmp_path / "data", clean_items(per_class=8) + planted)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(None, ["data.source=csv", f"data.path={manifest}", "data.max_bad_fraction=0.1",
+                             "train.epochs=1", "train.micro_batch=6", "train.eval_batch=32"])
+    train(cfg, run_dir, show=False)
+    assert {row["name"] for row in bad_rows(run_dir)} == {"images/truncated.jpg", "images/tiny.png"}
+    at_training = json.loads((run_dir / "eval.json").read_text())
+    scored = []
+
+    def recording_loader(cfg, images, index, pre, train):
+        scored.extend(images.ids[i] for i in index)
+        return make_loader(cfg, images, index, pre, train)
+
+    monkeypatch.setattr("vlfit.evaluate.make_loader", recording_loader)
+    code, err = run_vlfit("eval", run_dir)
+    assert code == 0, err
+    assert sorted(scored) == json.loads((run_dir / "split.json").read_text())["val"]
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert again["val_acc"] == at_training["val_acc"] and again["images"] == at_training["images"] == len(scored)
+    assert again["confusion_matrix"] == at_training["confusion_matrix"]
+    assert again["val_loss"] == pytest.approx(at_training["val_loss"], rel=1e-6)
 
 
 def vlfit(*args, cwd=None) -> subprocess.CompletedProcess:

@@ -1,5 +1,7 @@
 """Every layout of a dataset gives the same images, classes, ids and split; unusable evaluation data is refused."""
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -7,13 +9,16 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from layouts import (CLASSES, Item, clean_items, hf_cache, write_csv, write_disk, write_hub_parquet,  # noqa: F401
-                     write_imagefolder, write_kaggle)
+from layouts import (CLASSES, Item, clean_items, encode, hf_cache, picture, write_csv, write_disk,  # noqa: F401
+                     write_hub_parquet, write_imagefolder, write_kaggle)
+from rich.console import Console
 from safetensors.torch import load_file
 from test_train import TIMING
 
 from vlfit.config import DataConfig, load_config
 from vlfit.data import load_source, prepare_data
+from vlfit.data.inspect import inspect_data
+from vlfit.data.synthetic import HAR_CLASSES
 from vlfit.errors import ConfigError, UserError
 from vlfit.evaluate import evaluate_run
 from vlfit.metrics import MetricsLog
@@ -125,6 +130,32 @@ def test_train_command_refuses_placeholder_labels_in_one_line(placeholder_hub, t
     assert len(errors) == 1 and "placeholder" in errors[0] and "Traceback" not in result.stderr
 
 
+def test_eval_on_placeholder_labels_is_refused_for_the_reason_training_gives(placeholder_hub, tmp_path, run_vlfit):
+    with pytest.raises(UserError) as info:
+        prepare_data(DataConfig(source="parquet", path=str(placeholder_hub), val_split="test"), tmp_path)
+    reason = str(info.value).split("cannot be used for evaluation: ")[1].split("; it can still")[0]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(load_config(None, ["data.source=parquet", f"data.path={placeholder_hub}", "train.epochs=1",
+                             "train.micro_batch=6", "train.eval_batch=32"]), run_dir, show=False)
+    for override in ("train_split=test", "val_split=test"):
+        code, err = run_vlfit("eval", run_dir, "--data", override)
+        assert code == 2, err
+        assert err.strip() == f"error: --data {override}: 'test' cannot be used for evaluation: {reason}"
+    assert not list(run_dir.glob("eval-*.json"))
+
+
+def test_inspect_of_refused_data_counts_each_source_split_as_itself(placeholder_hub, tmp_path):
+    out = io.StringIO()
+    cfg = DataConfig(source="parquet", path=str(placeholder_hub), val_split="test")
+    problems = inspect_data(cfg, tmp_path / "report", console=Console(file=out, width=200))
+    assert len(problems) == 1 and "placeholder" in problems[0]
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.getvalue().splitlines() if "│" in line]
+    counts = {row[1]: row[2:] for row in cells if len(row) == 5}  # class: train, val, total
+    assert counts == {"clapping": ["6", "6", "12"], "running": ["6", "0", "6"], "sitting": ["6", "0", "6"],
+                      "all": ["18", "6", "24"]}
+
+
 def test_unlabelled_kaggle_test_split_is_refused_for_evaluation(tmp_path):
     items = clean_items(per_class=4)
     kaggle = write_kaggle(tmp_path / "k", items, test=[Item("Image_900.jpg", None, items[0].data)])
@@ -169,6 +200,57 @@ def test_inconsistent_data_config_is_one_line_naming_the_key(overrides, expected
 def test_missing_data_is_a_clear_error(tmp_path, source, path, expected):
     with pytest.raises(UserError, match=expected):
         load_source(DataConfig(source=source, path=str(tmp_path / path)))
+
+
+def test_csv_with_a_header_and_no_rows_says_so(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,label\n")
+    with pytest.raises(UserError, match=r"^data.path: .*labels.csv has a header but no rows$"):
+        load_source(DataConfig(source="csv", path=str(tmp_path / "labels.csv")))
+
+
+def test_one_class_folder_is_refused_as_one_class_not_as_placeholders(tmp_path):
+    folder = write_imagefolder(tmp_path / "f", [it for it in clean_items(per_class=6) if it.label == "running"])
+    with pytest.raises(UserError) as info:
+        prepare_data(DataConfig(source="imagefolder", path=str(folder)), tmp_path)
+    assert str(info.value) == ("data.train_split: 'train' cannot be trained on: the data has only one class, "
+                               "'running'; a classifier needs at least two")
+
+
+@pytest.fixture
+def mistyped(tmp_path):
+    """A CSV manifest of HAR's 15 classes, 5 images each, and one row whose label is a typo: 'juggling'."""
+    items = clean_items(per_class=5, classes=HAR_CLASSES)
+    return write_csv(tmp_path / "har", [*items, Item("typo.jpg", "juggling", encode(picture("juggling", 0)))])
+
+
+def test_a_class_too_small_to_learn_or_score_is_refused_naming_it(mistyped, tmp_path, run_vlfit):
+    config = tmp_path / "har.yaml"
+    config.write_text(yaml.safe_dump({"data": {"source": "csv", "path": str(mistyped)}}))
+    code, err = run_vlfit("data", "inspect", config, "--out", tmp_path / "report")
+    assert code == 2, err
+    assert err.startswith("error: data.min_class_images: 1 of 16 classes has fewer than 5 images or none to "
+                          "validate on: 'juggling' (1 train, 0 val). A mistyped label")
+    assert "data.classes" in err and "data.allow_small_classes" in err
+    assert not (tmp_path / "report" / "split.json").exists()
+
+
+TYPO_ROW = ("images/typo.jpg", "unknown label 'juggling' (not one of the 15 classes)")
+
+
+@pytest.mark.parametrize("key,classes,bad", [
+    (f"data.classes={list(HAR_CLASSES)}", list(HAR_CLASSES), [TYPO_ROW]),  # the typo is a bad row
+    ("data.allow_small_classes=true", sorted([*HAR_CLASSES, "juggling"]), []),  # the typo is a class
+], ids=["classes", "allow"])
+def test_listed_classes_or_the_allow_key_train_despite_a_small_class(mistyped, tmp_path, key, classes, bad):
+    cfg = load_config(None, ["data.source=csv", f"data.path={mistyped}", key, "train.epochs=1",
+                             "train.micro_batch=8", "train.eval_batch=64"])
+    train(cfg, tmp_path, show=False)
+    assert (tmp_path / "summary.json").is_file()
+    assert (tmp_path / "classes.txt").read_text().split() == classes
+    with (tmp_path / "bad_files.csv").open(newline="") as f:
+        assert [(row["name"], row["reason"]) for row in csv.DictReader(f)] == bad
+    # Allowed, the small class is still reported.
+    assert ("'juggling' (1 train, 0 val)" in (tmp_path / "train.log").read_text()) == (not bad)
 
 
 def test_unknown_split_names_the_splits_there_are(tmp_path):

@@ -83,7 +83,8 @@ def zeroshot(config: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @click.option("--data", "data", multiple=True, metavar="KEY=VALUE",
               help="Score other data: override the run's data section, e.g. --data seed=1 (repeatable). "
-                   "Every image of that data is scored; none may be one the run trained on.")
+                   "That data is checked as training checks it, and the kept images of its val_split (else of "
+                   "its train_split) are scored; none may be one the run trained on.")
 def eval_(run_dir: Path, checkpoint: str, data: tuple[str, ...]) -> None:
     """Score a run's checkpoint: accuracy, top-5, macro F1, per-class accuracy, confusion matrix."""
     from vlfit.evaluate import evaluate_run

@@ -98,6 +98,9 @@ class DataConfig(_Section):
     image_column: str | None = None  # hub/parquet/disk: image column (null: the one Image column)
     label_column: str | None = None  # hub/parquet/disk: label column (null: the ClassLabel column, else label(s))
     classes: list[str] | None = None  # class names in label order (null: ClassLabel names, else sorted label names)
+    # a class read off the labels with fewer images, or none to validate on, stops the run (a mistyped label?)
+    min_class_images: int = Field(5, ge=1)
+    allow_small_classes: bool = False  # train on such classes anyway (a warning instead of the stop)
     num_images: int = Field(2000, ge=30)  # synthetic-har: how many images to generate
     image_size: int = Field(96, ge=16, le=1024)  # synthetic-har: side of the generated images
     seed: int = Field(0, ge=0)  # synthetic-har: generator seed

@@ -18,10 +18,11 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from vlfit.checkpoint import load_checkpoint
-from vlfit.config import load_config
-from vlfit.data import ImageSet, load_source, load_split
+from vlfit.config import DataConfig, load_config
+from vlfit.data import ImageSet, load_source, load_split, survey_data
 from vlfit.data.gpu_transforms import on_device
 from vlfit.data.loaders import make_loader
+from vlfit.data.prepare import refuse
 from vlfit.errors import UserError
 
 EVAL_FILE = "eval.json"  # best checkpoint on the run's own validation split: what the report reads
@@ -30,9 +31,11 @@ EVAL_FILE = "eval.json"  # best checkpoint on the run's own validation split: wh
 def evaluate_run(run_dir: Path, which: str = "best", data: list[str] = ()) -> dict[str, Any]:
     """Score `run_dir/checkpoints/<which>` and write the result as JSON in the run directory.
 
-    Without `data`, the images are the run's own validation split. `data` holds `key=value`
-    overrides of the run's data section (e.g. `seed=1`); every image of that data is then scored,
-    and none of them may be an image the run trained on. The result carries `path`, where it was written.
+    Without `data`, the images are exactly the run's validation split as its split.json lists them.
+    `data` holds `key=value` overrides of the run's data section (e.g. `seed=1`); that data is then
+    checked as training checks it, and the kept images of its data.val_split (if set, else of its
+    data.train_split) are scored. Data whose labels cannot score a classifier is refused, and so is
+    any image the run trained on. The result carries `path`, where it was written.
     """
     from vlfit.train import make_accelerator  # not at the top: train imports this module
 
@@ -40,19 +43,21 @@ def evaluate_run(run_dir: Path, which: str = "best", data: list[str] = ()) -> di
         raise UserError(f"{run_dir} is not a vlfit run directory (no config.yaml and split.json)")
     cfg = load_config(run_dir / "config.yaml", [f"data.{d.removeprefix('data.')}" for d in data])
     accelerator = make_accelerator(cfg.train)
-    images = load_source(cfg.data)
-    split = json.loads((run_dir / "split.json").read_text())
     if data:
-        _refuse_training_images(images, set(split["train"]), data)
-        index, described = np.arange(len(images)), {"data": list(data), "split": "all"}
+        images = _checked_data(cfg.data, data, set(json.loads((run_dir / "split.json").read_text())["train"]))
+        described = {"data": list(data), "split": cfg.data.val_split or "all"}
     else:
-        index, described = load_split(run_dir / "split.json", images).val, {"split": "val"}
+        # Only the listed images, each of which passed the run's data check: the data's unusable files are
+        # still there, and a loader may read every image of the set it is given (the cached pipeline decodes all).
+        images = load_source(cfg.data)
+        images, described = images.subset(load_split(run_dir / "split.json", images).val), {"split": "val"}
 
     model, state = load_checkpoint(run_dir / "checkpoints" / which, accelerator.device)
     if images.classes != state["classes"]:
         raise UserError(f"{run_dir}: the data's classes differ from the checkpoint's")
-    loader = on_device(accelerator.prepare(make_loader(cfg, images, index, model.backbone.preprocess, train=False)))
-    result = {**score(model, state, loader, accelerator, which), **described}  # every process: it gathers
+    loader = make_loader(cfg, images, np.arange(len(images)), model.backbone.preprocess, train=False)
+    result = {**score(model, state, on_device(accelerator.prepare(loader)), accelerator, which),
+              **described}  # every process: it gathers
     path = run_dir / eval_file_name(which, data)
     if accelerator.is_main_process:
         save_eval(path, result)
@@ -136,9 +141,20 @@ def eval_file_name(which: str, data: list[str] = ()) -> str:
     return f"eval-{which}" + (f"-{slug}" if slug else "") + ".json"
 
 
-def _refuse_training_images(images: ImageSet, train_ids: set[str], data: list[str]) -> None:
+def _checked_data(cfg: DataConfig, data: list[str], train_ids: set[str]) -> ImageSet:
+    """The images `--data` scores: the kept images of cfg's validation split (else its training split) after
+    the load-time check training runs, refused as training would refuse them, or if the run trained on any."""
+    survey = survey_data(cfg)
+    scored = cfg.val_split or cfg.train_split
+    problems = survey.file_problems()
+    if why := survey.evaluation_problem(scored):
+        problems.append(f"--data {' '.join(data)}: {scored!r} cannot be used for evaluation: {why}")
+    refuse(problems)
+    images, origin, _ = survey.image_set()
+    images = images.subset(np.flatnonzero(origin == scored))
     leaked = [i for i in images.ids if i in train_ids]
     if leaked:
         raise UserError(f"--data {' '.join(data)}: {len(leaked)} of its {len(images)} images were used to train "
                         f"this run (e.g. {leaked[0]}); score data the run has not seen, such as another "
                         "data.seed for synthetic-har")
+    return images

@@ -44,6 +44,7 @@ class Catalog:
     classes: list[str]
     blobs: Blobs
     unlabelled: set[str] = field(default_factory=set)  # splits that carry no labels at all
+    declared: bool = False  # classes fixed by the source or data.classes, not read off the labels found
 
     def label_index(self) -> np.ndarray:
         """Each entry's class index, -1 where it has none; entries with an unknown label get a problem."""
@@ -135,7 +136,7 @@ def read_catalog(cfg: DataConfig) -> Catalog:
               "kaggle": _kaggle, "imagefolder": _imagefolder, "csv": _manifest}[cfg.source]
     catalog = reader(cfg, splits)
     if cfg.classes is not None:
-        catalog.classes = list(cfg.classes)
+        catalog.classes, catalog.declared = list(cfg.classes), True
     for split in splits:  # a label column left empty is no labels, not a column of bad rows
         if not any(e.label for e in catalog.entries if e.split == split):
             catalog.unlabelled.add(split)
@@ -152,7 +153,7 @@ def _synthetic(cfg: DataConfig, splits: list[str]) -> Catalog:
     for i, label in enumerate(labels):
         image_id = f"synthetic-har/{cfg.seed}/{cfg.image_size}/{i:06d}"
         entries.append(Entry(image_id, "train", HAR_CLASSES[label], i, id=image_id))
-    return Catalog(entries, list(HAR_CLASSES), ArrayBlobs(images))
+    return Catalog(entries, list(HAR_CLASSES), ArrayBlobs(images), declared=True)
 
 
 def _table(cfg: DataConfig, splits: list[str]) -> Catalog:
@@ -187,7 +188,7 @@ def _table(cfg: DataConfig, splits: list[str]) -> Catalog:
             entries.append(Entry(path or f"{split}[{row}]", split, label, (split, row)))
     classes = hint or _sorted_names(e.label for e in entries if e.split == cfg.train_split)
     tables = {split: dataset[split].select_columns([image_col]) for split in splits}
-    return Catalog(entries, classes, TableBlobs(tables, image_col), unlabelled)
+    return Catalog(entries, classes, TableBlobs(tables, image_col), unlabelled, declared=hint is not None)
 
 
 def _load_datasets(cfg: DataConfig) -> dict[str, Any]:
@@ -345,6 +346,8 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> tuple[list[dict[str, str
     if missing:
         found = ", ".join(columns) or "none"
         raise UserError(f"data.path: {path} needs columns {', '.join(required)} (found: {found})")
+    if not rows:
+        raise UserError(f"data.path: {path} has a header but no rows")
     return rows, columns
 
 

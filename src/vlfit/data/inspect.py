@@ -17,7 +17,6 @@ from rich.table import Table
 from vlfit.config import DataConfig
 from vlfit.data.prepare import BAD_FILES, CLASSES, DUPLICATES, SPLIT, Survey, survey_data
 from vlfit.data.sources import ImageSet
-from vlfit.data.split import Split
 from vlfit.errors import UserError
 
 SAMPLES = "samples.png"
@@ -33,18 +32,23 @@ def inspect_data(cfg: DataConfig, out_dir: Path, per_class: int = 8, console: Co
     survey = survey_data(cfg)
     survey.write(out_dir)
     problems = survey.problems()
-    split = None
+    sides = None
     if not problems:
         try:
             images, split = survey.fixed_split(out_dir)
+            sides = {"train": split.train, "val": split.val}
         except UserError as err:
             problems.append(str(err))
-    if split is None:
+    if sides is None:
         (out_dir / SPLIT).unlink(missing_ok=True)  # a stale split from an earlier inspection would mislead
-        images = survey.image_set()[0]
+        images, origin, _ = survey.image_set()
+        # No split: each source split counts as itself, and a hold-out's share of the training split is unknown.
+        labelled = images.labels >= 0  # an unlabelled validation split has labels -1
+        sides = {"train": np.flatnonzero(labelled & (origin == cfg.train_split)),
+                 "val": np.flatnonzero(labelled & (origin == cfg.val_split)) if cfg.val_split else None}
     sample_grid(images, per_class, cfg.split_seed).save(out_dir / SAMPLES)
 
-    _print_report(console, survey, images, split)
+    _print_report(console, survey, images, sides)
     console.print(f"records and {SAMPLES} written to {out_dir}")
     return problems
 
@@ -60,21 +64,22 @@ def _prepare_out_dir(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _print_report(console: Console, survey: Survey, images: ImageSet, split: Split | None) -> None:
+def _print_report(console: Console, survey: Survey, images: ImageSet, sides: dict[str, np.ndarray | None]) -> None:
+    """The report; `sides` holds the indices into `images` of "train" and "val" (None: not known)."""
     cfg = survey.cfg
     how = (f"validation split {cfg.val_split!r}" if cfg.val_split else f"split file {cfg.split_file}"
            if cfg.split_file else f"{cfg.val_fraction:.0%} stratified hold-out, seed {cfg.split_seed}")
     console.print(f"[bold]{cfg.source}[/] {cfg.location}: split {cfg.train_split!r}, {how}")
 
     table = Table("label", "class", "train", "val", "total", title="classes", title_justify="left")
-    labelled = np.flatnonzero(images.labels >= 0)  # an unlabelled validation split has labels -1
-    columns = {"train": split.train, "val": split.val} if split else {"train": labelled, "val": labelled[:0]}
-    counts = {k: np.bincount(images.labels[v], minlength=len(images.classes)) for k, v in columns.items()}
+    n = len(images.classes)
+    train = np.bincount(images.labels[sides["train"]], minlength=n)
+    known = sides["val"] is not None
+    val = np.bincount(images.labels[sides["val"]], minlength=n) if known else np.zeros(n, dtype=np.int64)
     for c, name in enumerate(images.classes):
-        train, val = int(counts["train"][c]), int(counts["val"][c])
-        table.add_row(str(c), name, str(train), str(val) if split else "-", str(train + val))
-    table.add_row("", "all", str(len(columns["train"])), str(len(columns["val"])) if split else "-",
-                  str(len(columns["train"]) + len(columns["val"])), style="bold")
+        table.add_row(str(c), name, str(train[c]), str(val[c]) if known else "-", str(train[c] + val[c]))
+    table.add_row("", "all", str(train.sum()), str(val.sum()) if known else "-", str(train.sum() + val.sum()),
+                  style="bold")
     console.print(table)
 
     bad = survey.bad

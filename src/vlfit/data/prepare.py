@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 CLASSES, SPLIT, BAD_FILES, DUPLICATES = "classes.txt", "split.json", "bad_files.csv", "duplicates.json"
 # Images handed to the decoding workers at a time: bounds the encoded bytes held in memory.
 _BATCH = 1024
+_SHOWN = 5  # small classes named in a message
 
 
 def prepare_data(cfg: DataConfig, run_dir: Path | None) -> tuple[ImageSet, Split]:
@@ -139,6 +140,22 @@ class Survey:
 
     def problems(self) -> list[str]:
         """Why this data cannot be used for training with honest validation; empty when it can."""
+        cfg, out = self.cfg, self.file_problems()
+        if not self.entries:
+            return out
+        train = self._kept_labels(cfg.train_split)
+        if cfg.train_split in self.catalog.unlabelled:
+            out.append(f"data.train_split: {cfg.train_split!r} has no labels, so it cannot be trained on")
+        elif len(np.unique(train)) < 2:
+            out.append(f"data.train_split: {cfg.train_split!r} cannot be trained on: {self.label_problem(train)}")
+        if cfg.val_split is not None and (why := self.evaluation_problem(cfg.val_split)):
+            out.append(f"data.val_split: {cfg.val_split!r} cannot be used for evaluation: {why}; it can still be "
+                       f"used for prediction. Leave data.val_split unset to hold out data.val_fraction of "
+                       f"{cfg.train_split!r}")
+        return out
+
+    def file_problems(self) -> list[str]:
+        """No images at all, or more unusable ones than data.strict and data.max_bad_fraction allow."""
         cfg, entries, bad = self.cfg, self.entries, self.bad
         if not entries:
             return [f"data.path: no images found in {cfg.location}"]
@@ -149,29 +166,25 @@ class Survey:
         if len(bad) / len(entries) > cfg.max_bad_fraction:
             out.append(f"data.max_bad_fraction: {len(bad)} of {len(entries)} images ({len(bad) / len(entries):.1%}) "
                        f"are unusable, more than the {cfg.max_bad_fraction:.1%} allowed")
-        train = self._kept_labels(cfg.train_split)
-        if cfg.train_split in self.catalog.unlabelled:
-            out.append(f"data.train_split: {cfg.train_split!r} has no labels, so it cannot be trained on")
-        elif len(np.unique(train)) < 2:
-            out.append(f"data.train_split: {cfg.train_split!r} cannot be trained on: "
-                       f"{self.label_problem(train) or 'it has fewer than two classes'}")
-        if cfg.val_split is not None:
-            why = ("it has no labels" if cfg.val_split in self.catalog.unlabelled
-                   else self.label_problem(self._kept_labels(cfg.val_split)))
-            if why:
-                out.append(f"data.val_split: {cfg.val_split!r} cannot be used for evaluation: {why}; it can still be "
-                           f"used for prediction. Leave data.val_split unset to hold out data.val_fraction of "
-                           f"{cfg.train_split!r}")
         return out
 
+    def evaluation_problem(self, split: str) -> str | None:
+        """Why the kept images of `split` cannot score a classifier, or None."""
+        if split in self.catalog.unlabelled:
+            return "it has no labels"
+        return self.label_problem(self._kept_labels(split))
+
     def label_problem(self, labels: np.ndarray) -> str | None:
-        """Why these labels cannot score a classifier, or None."""
+        """Why these labels cannot train or score a classifier, or None."""
+        classes = self.catalog.classes
         if len(labels) == 0:
             return "it has no usable images"
+        if len(classes) == 1:
+            return f"the data has only one class, {classes[0]!r}; a classifier needs at least two"
         values = np.unique(labels)
-        if len(values) == 1:
+        if len(values) == 1:  # one label where the data has several classes
             c = int(values[0])
-            return (f"all {len(labels)} labels are {self.catalog.classes[c]!r} (label {c}), which is how placeholder "
+            return (f"all {len(labels)} labels are {classes[c]!r} (label {c}), which is how placeholder "
                     "labels look (the hub copy of HAR marks its unlabelled test split this way)")
         return None
 
@@ -198,7 +211,8 @@ class Survey:
         return images, split
 
     def split(self, images: ImageSet, origin: np.ndarray, groups: np.ndarray) -> Split:
-        """The run's split: a user's split file, the named validation split, or a stratified hold-out."""
+        """The run's split: a user's split file, the named validation split, or a stratified hold-out; refused
+        when it leaves a side empty or a class too small (`check_class_sizes`)."""
         cfg = self.cfg
         if cfg.split_file is not None:
             split = load_split(Path(cfg.split_file), images)
@@ -216,7 +230,29 @@ class Survey:
         if len(split.val) == 0 or len(split.train) == 0:
             raise UserError(f"the split leaves {len(split.train)} training and {len(split.val)} validation images; "
                             "a run needs both (too few images per class for data.val_fraction?)")
+        self.check_class_sizes(images.labels, split)
         return split
+
+    def check_class_sizes(self, labels: np.ndarray, split: Split) -> None:
+        """Refuse classes with fewer than data.min_class_images images or none to validate on, when the
+        classes were read off the labels found: there a mistyped label is a class of its own, and shifts
+        the index of every class after it. Classes the source or data.classes declares, or
+        data.allow_small_classes, only get a warning."""
+        cfg, classes = self.cfg, self.catalog.classes
+        train, val = (np.bincount(labels[side], minlength=len(classes)) for side in (split.train, split.val))
+        small = [f"{name!r} ({train[c]} train, {val[c]} val)" for c, name in enumerate(classes)
+                 if train[c] + val[c] < cfg.min_class_images or val[c] == 0]
+        if not small:
+            return
+        what = (f"{len(small)} of {len(classes)} classes {'has' if len(small) == 1 else 'have'} fewer than "
+                f"{cfg.min_class_images} images or none to validate on: {', '.join(small[:_SHOWN])}"
+                + (f" and {len(small) - _SHOWN} more" if len(small) > _SHOWN else ""))
+        if self.catalog.declared or cfg.allow_small_classes:
+            log.warning("data: %s", what)
+            return
+        raise UserError(f"data.min_class_images: {what}. A mistyped label becomes a class of its own: list the "
+                        "classes in data.classes (other labels are then skipped as bad rows), or set "
+                        "data.allow_small_classes: true to train on them as they are")
 
     # ------------------------------------------------------------------ records
 

@@ -81,7 +81,8 @@ def load_source(cfg: DataConfig) -> ImageSet:
     """Every labelled image `cfg.data` names, sorted by id, decoded lazily and not checked.
 
     For training use `prepare_data`, which checks every image first; this is for re-reading the
-    images a run's split.json names (all of which passed that check).
+    images a run's split.json names (all of which passed that check): take their `subset` before a
+    loader reads the set, as unusable files are among the rest.
     """
     from vlfit.data.catalog import read_catalog
 
