@@ -45,17 +45,20 @@ def evaluate_run(run_dir: Path, which: str = "best", data: list[str] = ()) -> di
     accelerator = make_accelerator(cfg.train)
     if data:
         images = _checked_data(cfg.data, data, set(json.loads((run_dir / "split.json").read_text())["train"]))
-        described = {"data": list(data), "split": cfg.data.val_split or "all"}
+        index, described = np.arange(len(images)), {"data": list(data), "split": cfg.data.val_split or "all"}
     else:
-        # Only the listed images, each of which passed the run's data check: the data's unusable files are
-        # still there, and a loader may read every image of the set it is given (the cached pipeline decodes all).
+        # The images of split.json alone, each of which passed the run's data check (the data's unusable files
+        # are still there, and the cached pipeline decodes every image of the set it is given): in id order,
+        # as training held them, so the cache entry training built is the one read.
         images = load_source(cfg.data)
-        images, described = images.subset(load_split(run_dir / "split.json", images).val), {"split": "val"}
+        split = load_split(run_dir / "split.json", images)
+        kept = np.union1d(split.train, split.val)
+        images, index, described = images.subset(kept), np.searchsorted(kept, split.val), {"split": "val"}
 
     model, state = load_checkpoint(run_dir / "checkpoints" / which, accelerator.device)
     if images.classes != state["classes"]:
         raise UserError(f"{run_dir}: the data's classes differ from the checkpoint's")
-    loader = make_loader(cfg, images, np.arange(len(images)), model.backbone.preprocess, train=False)
+    loader = make_loader(cfg, images, index, model.backbone.preprocess, train=False)
     result = {**score(model, state, on_device(accelerator.prepare(loader)), accelerator, which),
               **described}  # every process: it gathers
     path = run_dir / eval_file_name(which, data)
