@@ -22,3 +22,10 @@ class ConfigError(UserError):
         lines = "\n".join(f"  {p}" for p in problems)
         noun = "problem" if len(problems) == 1 else "problems"
         super().__init__(f"{source}: {len(problems)} {noun}:\n{lines}")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none), without a closing full
+    stop, for one-line reports."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__).rstrip(".")

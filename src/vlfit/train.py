@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup  # transformers 4.56 has it only here
 
 from vlfit import __version__
 from vlfit.checkpoint import Checkpoints, read_checkpoint, restore_parts

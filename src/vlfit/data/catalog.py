@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from vlfit.config import DataConfig
-from vlfit.data.images import first_line
-from vlfit.errors import UserError
+from vlfit.errors import UserError, first_line
 
 KAGGLE_FILES = {"train": ("Training_set.csv", "train"), "test": ("Testing_set.csv", "test")}
 

@@ -15,6 +15,8 @@ import imagehash
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from vlfit.errors import first_line
+
 # 16-bit and 32-bit greyscale modes: Pillow's convert("RGB") clips them to 255 instead of scaling.
 _WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
@@ -129,9 +131,3 @@ def _orientation(image: Image.Image) -> int:
 
 def _as_int(h: imagehash.ImageHash) -> int:
     return int.from_bytes(np.packbits(h.hash.flatten()).tobytes(), "big")
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an error's message, for one-line reports."""
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__).rstrip(".")

@@ -34,7 +34,7 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from vlfit.errors import UserError
+from vlfit.errors import UserError, first_line
 from vlfit.models.text import TextTower, load_tokenizer, word_tokenizer
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ def _load_pretrained(name: str, attn_implementation: str, trust_remote_code: boo
         model_type = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
     except (OSError, ValueError) as err:  # no network, no such repo, or no usable config.json
         raise UserError(
-            f"model.backbone: cannot load '{name}': {_first_line(err)}\n"
+            f"model.backbone: cannot load '{name}': {first_line(err)}\n"
             "  If this machine is offline, download the model elsewhere and point model.backbone at its "
             "directory, or use a preset (tiny-clip, tiny-siglip)."
         ) from None
@@ -299,7 +299,7 @@ def _load_pretrained(name: str, attn_implementation: str, trust_remote_code: boo
         )
     except OSError as err:
         raise UserError(
-            f"model.backbone: cannot load weights of '{name}': {_first_line(err)}\n"
+            f"model.backbone: cannot load weights of '{name}': {first_line(err)}\n"
             "  vlfit loads weights only from model.safetensors; pickle files (pytorch_model.bin) can run "
             "code and are refused. Convert them with a tool you trust, or use a revision that has safetensors."
         ) from None
@@ -343,7 +343,3 @@ def _read_preprocess(name: str, cls: type[Backbone], image_size: int) -> Preproc
 def _side(size: int | dict | None) -> int | None:
     """A processor config's size entry ({"height": .., "width": ..}, {"shortest_edge": ..} or an int) as one side."""
     return size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

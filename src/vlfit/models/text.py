@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlfit.errors import UserError
+from vlfit.errors import UserError, first_line
 
 # Prompt templates in the style of CLIP's and WiSE-FT's zero-shot classifiers, worded for people doing things.
 DEFAULT_TEMPLATES = (
@@ -54,13 +54,50 @@ class TextTower(nn.Module):
         return F.normalize(emb, dim=-1)
 
 
+# Libraries some tokenizers need beyond `tokenizers`, as transformers' messages name them, and the
+# module each provides. SigLIP's SentencePiece tokenizer needs the first two (both come with vlfit).
+_TOKENIZER_LIBRARIES = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf", "tiktoken": "tiktoken"}
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The checkpoint's own tokenizer, or a one-line UserError: naming the package to install when a
+    library it needs is missing, or saying that the checkpoint has no usable tokenizer."""
     from transformers import AutoTokenizer
 
+    # transformers reports a missing library as an ImportError or a ValueError (by version and class),
+    # and a checkpoint without a vocabulary file as an OSError, a ValueError or (4.x) a TypeError.
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.backbone: '{name}' has no usable tokenizer for class prompts: {err}") from None
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (ImportError, ValueError, OSError, TypeError) as err:
+        missing = _missing_library(err)
+        if missing:
+            raise UserError(f"model.backbone: the tokenizer of '{name}' needs the Python package '{missing}': "
+                            f"pip install {missing}") from None
+        raise UserError(f"model.backbone: '{name}' has no usable tokenizer for class prompts: "
+                        f"{first_line(err)}") from None
+    # transformers 5 builds a tokenizer of special tokens alone where the checkpoint has no tokenizer
+    # files: every prompt would encode alike, so every class would get the same text embedding.
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise UserError(f"model.backbone: '{name}' has no tokenizer files (only special tokens): class prompts "
+                        "need the checkpoint's tokenizer")
+    return tokenizer
+
+
+def _missing_library(err: Exception) -> str | None:
+    """The package that `err` says is needed and that is indeed not importable, if any."""
+    import importlib.util
+
+    message = str(err).lower()
+    for package, module in _TOKENIZER_LIBRARIES.items():
+        if package not in message:
+            continue
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package is missing too, or the module is half there
+            found = False
+        if not found:
+            return package
+    return None
 
 
 # The words the offline presets' tokenizer knows: class names and prompt templates.
