@@ -66,7 +66,7 @@ def hub(tmp_path_factory):
     ]:
         path = root / family
         path.mkdir()
-        text = dict(text, **write_tokenizer(path, 400))  # a small vocabulary inside the real embedding table
+        text = dict(text, **write_tokenizer(path, 300))  # a small vocabulary inside the real embedding table
         extra = {"projection_dim": 512} if family == "clip" else {}
         torch.manual_seed(0)
         model_class(config_class(text_config=text, vision_config=vision, **extra)).save_pretrained(path)
@@ -106,7 +106,7 @@ def test_b16_loads_at_its_real_size_and_preprocessing(family, tokens, patches, h
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_b16_steps_evaluates_checkpoints_and_resumes_exactly(family, method, hub, photos, tmp_path):
     overrides = [f"model.backbone={hub[family]}", "data.source=imagefolder", f"data.path={photos}",
-                 "data.val_fraction=0.25", "train.epochs=1", "train.micro_batch=3", "train.eval_batch=4",
+                 "data.val_fraction=0.25", "data.min_class_images=4", "train.epochs=1", "train.micro_batch=3", "train.eval_batch=4",
                  "train.checkpoint_every=1", "train.precision=fp32", "train.device=cpu",
                  "model.templates=['a photo of a person {}.']", *METHODS[method]]
     cfg = load_config(None, overrides)
