@@ -42,8 +42,14 @@ def test_recommended_masked_configs_end_unmasked(path):
 
 @pytest.mark.parametrize("path", HAR, ids=lambda p: p.stem)
 def test_har_configs_stop_cleanly_when_the_hub_is_unreachable(path, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Offline mode, as set before the libraries are imported: these read it once, at import. (Without it
+    # each hub request is retried for about 25 s on a machine without network before failing alike.)
+    import datasets.config
+    import huggingface_hub.constants
+
+    for module in (huggingface_hub.constants, datasets.config):
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached: the hub would be needed
     # fp16 needs a GPU; on this CPU-only test machine the run may only get as far as the data.
     code, err = run_cli(monkeypatch, capsys, "train", path, "--set", "train.precision=fp32",

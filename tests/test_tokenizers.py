@@ -21,7 +21,7 @@ DEMO = ROOT / "configs" / "demo" / "tiny-clip.yaml"
 CLASSES = ["calling", "texting", "listening_to_music", "using_laptop"]
 PROMPT = "a photo of a person listening to music."
 # 15 classes, 60 images of 32x32 (48 train, 12 val), one epoch: a run takes a few seconds.
-TINY = ["data.num_images=60", "data.image_size=32", "train.epochs=1", "train.micro_batch=16", "train.eval_batch=16"]
+TINY = ["data.num_images=75", "data.image_size=32", "train.epochs=1", "train.micro_batch=16", "train.eval_batch=16"]
 
 
 def as_set_args(overrides: list[str]) -> list[str]:

@@ -64,7 +64,8 @@ class ImageBatch:
                        rows=self.rows.to(device, non_blocking), cols=self.cols.to(device, non_blocking))
 
     def pin_memory(self) -> ImageBatch:  # called by a DataLoader with pin_memory=True
-        return replace(self, pixels=self.pixels.pin_memory())
+        # All of it: a copy from pageable memory would make the host wait for it.
+        return replace(self, pixels=self.pixels.pin_memory(), rows=self.rows.pin_memory(), cols=self.cols.pin_memory())
 
 
 def sample_crop_boxes(sizes: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],

@@ -53,6 +53,9 @@ class Axis:
     def to(self, device: torch.device, non_blocking: bool = False) -> Axis:
         return Axis(*(getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)))
 
+    def pin_memory(self) -> Axis:
+        return Axis(*(getattr(self, f.name).pin_memory() for f in fields(self)))
+
     def reversed(self, flip: torch.Tensor, out: int) -> Axis:
         """Output pixel i becomes pixel out - 1 - i where `flip` (B,) is true: a horizontal mirror."""
         first = self.start + out * self.step  # the far edge, walked backwards
