@@ -17,7 +17,7 @@ from vlfit.data import ImageSet
 from vlfit.data.cache import open_cache
 from vlfit.data.gpu_transforms import CROP_DRAWS, CachedImages, DecodedImages, EvalResize, TrainAugment, sample_crop_boxes
 from vlfit.data.loaders import stored_limit
-from vlfit.data.resample import Axis, axis_weights, image_products, padded_products, resample
+from vlfit.data.resample import Axis, axis_weights, image_products, padded_products, reach, resample
 from vlfit.models.backbones import ClipBackbone, Preprocess, SiglipBackbone
 from vlfit.resume import sample_uniforms
 
@@ -105,12 +105,18 @@ def test_resampling_is_torchvisions_antialiased_resize(kernel, mode):
 
 
 def test_batched_and_per_image_products_agree():
-    """The GPU schedule (padded, batched) computes what the CPU schedule (image by image) computes."""
+    """The GPU schedule (padded, batched) computes what the CPU schedule (image by image, over the pixels
+    each crop uses) computes, and the weights are those of every source pixel, not just the taps near each."""
     rng = np.random.default_rng(1)
     ims = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in [(30, 70), (64, 20), (45, 45)]]
     h, w = (torch.tensor([float(im.shape[k]) for im in ims], dtype=torch.float64) for k in (1, 2))
     rows = Axis(h * 0.1, h * 0.7 / 32, h * 0.1, h * 0.8)
     cols = Axis(w * 0.2, w * 0.5 / 32, w * 0.2, w * 0.7).reversed(torch.tensor([True, False, True]), 32)
-    wy, wx = axis_weights(rows, 32, 64), axis_weights(cols, 32, 70)
+    (wy, used_y), (wx, used_x) = axis_weights(rows, 32, 64, reach(rows)), axis_weights(cols, 32, 70, reach(cols))
     assert torch.allclose(wy.sum(-1), torch.ones(3, 32)) and (wy[0, :, 30:] == 0).all()  # no weight on padding
-    torch.testing.assert_close(padded_products(ims, wy, wx), image_products(ims, wy, wx), atol=1e-3, rtol=1e-5)
+    nonzero = (wy[0] != 0).any(0).nonzero()
+    assert used_y[0, 0] > 0 and used_y[0, 0] <= nonzero.min() and nonzero.max() < used_y[0, 1]  # the crop's rows
+    dense, _ = axis_weights(rows, 32, 64, taps=64)  # every pixel evaluated: the same weights
+    torch.testing.assert_close(dense, wy)
+    torch.testing.assert_close(padded_products(ims, wy, wx), image_products(ims, wy, wx, used_y, used_x),
+                               atol=1e-3, rtol=1e-5)

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 from vlfit.config import DataConfig
 from vlfit.data import ImageSet, train_transform
 from vlfit.data.cache import open_cache
-from vlfit.data.gpu_transforms import (CROP_DRAWS, CachedImages, DecodedImages, EvalResize, TrainAugment, on_device,
+from vlfit.data.gpu_transforms import (CROP_DRAWS, CachedImages, EvalResize, TrainAugment, image_batch, on_device,
                                        sample_crop_boxes)
 from vlfit.resume import sample_uniforms
 
@@ -158,9 +158,8 @@ def _chw(image):
 
 
 def _augmented(transform, images, u=None):
-    """`transform` applied to `images` (H, W, 3) decoded on the spot, with uniforms `u` (default: seed 0)."""
-    dataset = DecodedImages(images, np.zeros(len(images)), transform, limit=1024)
-    batch, _ = dataset.__getitems__(list(range(len(images))))
-    if u is not None:
-        batch.rows, batch.cols = transform.plan(torch.tensor([im.shape[:2] for im in images]), u)
-    return transform(batch)
+    """`transform` applied to `images` (H, W, 3) stored as they are, with uniforms `u` (default: seed 0)."""
+    n = len(images)
+    u = torch.from_numpy(sample_uniforms(0, 0, np.arange(n), transform.draws)) if u is None else u
+    sizes = np.array([im.shape[:2] for im in images])
+    return transform(image_batch([im.transpose(2, 0, 1) for im in images], sizes, sizes, transform, u))

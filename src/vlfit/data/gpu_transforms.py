@@ -29,7 +29,7 @@ from accelerate.utils import send_to_device
 from torch.utils.data import Dataset
 
 from vlfit.data.cache import OFFSET, ORIGINAL, STORED, ImageCache, fit
-from vlfit.data.resample import Axis, resample
+from vlfit.data.resample import Axis, reach, resample
 from vlfit.models.backbones import Preprocess
 from vlfit.resume import SharedEpoch, sample_uniforms
 
@@ -41,15 +41,16 @@ CROP_DRAWS = 4 * _ATTEMPTS  # (scale, ratio, top, left) per attempt
 class ImageBatch:
     """A batch of images of different sizes, as it travels to the device.
 
-    `pixels` holds every image's uint8 (3, h, w) pixels one after another; `shapes` their (h, w),
-    kept on the host so that cutting them apart never waits for the device; `rows` and `cols` say
-    where each output pixel samples its image, in stored pixels.
+    `pixels` holds every image's uint8 (3, h, w) pixels one after another; `shapes` their (h, w) and
+    `taps` the `resample.reach` of rows and columns, kept on the host so that nothing waits for the
+    device; `rows` and `cols` say where each output pixel samples its image, in stored pixels.
     """
 
     pixels: torch.Tensor
     shapes: list[tuple[int, int]]
     rows: Axis
     cols: Axis
+    taps: tuple[int, int]
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -153,7 +154,7 @@ class _DeviceTransform:
 
     def __call__(self, batch: ImageBatch) -> torch.Tensor:
         """An ImageBatch -> normalised float (B, 3, out, out), on the batch's device."""
-        return self.normalize(resample(batch.images(), batch.rows, batch.cols, self.out, self.kernel))
+        return self.normalize(resample(batch.images(), batch.rows, batch.cols, self.out, self.kernel, batch.taps))
 
 
 class TrainAugment(_DeviceTransform):
@@ -187,9 +188,10 @@ def image_batch(images: Sequence[np.ndarray] | np.ndarray, shapes: np.ndarray, s
     `shapes` (B, 2) made from originals of `sizes` (B, 2), planned by `transform` with uniforms `u`."""
     rows, cols = transform.plan(torch.as_tensor(sizes), u)
     ratio = torch.as_tensor(shapes, dtype=torch.float64) / torch.as_tensor(sizes, dtype=torch.float64)
+    rows, cols = rows.scaled(ratio[:, 0]), cols.scaled(ratio[:, 1])
     pixels = images if isinstance(images, np.ndarray) else np.concatenate([np.ravel(im) for im in images])
-    return ImageBatch(torch.from_numpy(pixels), [tuple(s) for s in np.asarray(shapes).tolist()],
-                      rows.scaled(ratio[:, 0]), cols.scaled(ratio[:, 1]))
+    return ImageBatch(torch.from_numpy(pixels), [tuple(s) for s in np.asarray(shapes).tolist()], rows, cols,
+                      (reach(rows, transform.kernel), reach(cols, transform.kernel)))
 
 
 class _PlannedImages(Dataset):

@@ -15,6 +15,7 @@ of a resized image). Weights are normalised over the pixels that take part, as P
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -62,35 +63,53 @@ class Axis:
         return replace(self, start=torch.where(flip, first, self.start), step=torch.where(flip, -self.step, self.step))
 
 
-def axis_weights(axis: Axis, out: int, length: int, kernel: str = "bicubic") -> torch.Tensor:
-    """(B, out, length) float32 weights: row i holds the contribution of every source pixel to output pixel i.
+def reach(axis: Axis, kernel: str = "bicubic") -> int:
+    """How many source pixels one output pixel of the batch can draw on: the kernel's support on both
+    sides, widened by the largest shrink factor. A host number, taken where the plan is made."""
+    _, support = KERNELS[kernel]
+    return 2 * math.ceil(support * max(1.0, float(axis.step.abs().max()))) + 1
 
-    Source pixels past `length` (padding) and outside [lo, hi) get zero weight; each row sums to one.
+
+def axis_weights(axis: Axis, out: int, length: int, taps: int, kernel: str = "bicubic") -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """(B, out, length) float32 weights: row i holds the contribution of every source pixel to output
+    pixel i; and (B, 2) the range [first, stop) of source pixels any of them uses.
+
+    Only the `taps` pixels around each output pixel's centre are evaluated (`reach`). Source pixels past
+    `length` (padding) and outside [lo, hi) get zero weight; each row sums to one.
     """
     fn, support = KERNELS[kernel]
     device = axis.start.device
-    scale = axis.step.abs().clamp(min=1.0)[:, None, None]  # widen the kernel when shrinking
+    scale = axis.step.abs().clamp(min=1.0)[:, None]  # (B, 1): the kernel widens when shrinking
     centres = axis.start[:, None] + (torch.arange(out, device=device, dtype=torch.float64) + 0.5) * axis.step[:, None]
-    source = torch.arange(length, device=device, dtype=torch.float64) + 0.5  # pixel centres
-    weights = fn((source[None, None, :] - centres[:, :, None]) / scale)
-    inside = (source[None, :] >= axis.lo[:, None]) & (source[None, :] < axis.hi[:, None])
-    weights = weights * inside[:, None, :]
-    total = weights.sum(dim=-1, keepdim=True)
-    return (weights / torch.where(total == 0, 1.0, total)).float()
+    first = torch.floor(centres - support * scale + 0.5)  # (B, out): the first pixel whose centre is within reach
+    index = first[..., None] + torch.arange(taps, device=device, dtype=torch.float64)  # (B, out, taps)
+    weights = fn((index + 0.5 - centres[..., None]) / scale[..., None])
+    inside = ((index + 0.5 >= axis.lo[:, None, None]) & (index + 0.5 < axis.hi[:, None, None])
+              & (index >= 0) & (index < length))
+    weights = weights * inside
+    weights = weights / torch.where((total := weights.sum(-1, keepdim=True)) == 0, 1.0, total)
+    index = index.clamp(0, length - 1).long()  # out-of-range taps carry zero weight
+    dense = torch.zeros(len(index), out, length, device=device).scatter_add_(2, index, weights.float())
+    used = torch.stack([index[:, :, 0].amin(1), index[:, :, -1].amax(1) + 1], 1)
+    return dense, used
 
 
-def resample(images: list[torch.Tensor], rows: Axis, cols: Axis, out: int, kernel: str = "bicubic") -> torch.Tensor:
+def resample(images: list[torch.Tensor], rows: Axis, cols: Axis, out: int, kernel: str = "bicubic",
+             taps: tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 images (3, h_b, w_b) and per-image sampling -> float32 (B, 3, out, out), whole numbers in [0, 255].
 
-    On a GPU the images are padded to the batch's largest and resampled in two batched products
-    (the padding has zero weight); on a CPU, where the padding costs more than the batching saves,
-    one image at a time. Both compute the same sums.
+    `taps`: `reach` of the rows and columns, if known on the host (else computed here, which waits
+    for the device). On a GPU the images are padded to the batch's largest and resampled in two batched
+    products (the padding has zero weight); on a CPU, where the padding costs more than the batching
+    saves, one image at a time over the pixels its crop uses. Both compute the same sums.
     """
-    height = max(im.shape[1] for im in images)
-    width = max(im.shape[2] for im in images)
-    wy = axis_weights(rows.to(images[0].device), out, height, kernel)  # (B, out, H)
-    wx = axis_weights(cols.to(images[0].device), out, width, kernel)  # (B, out, W)
-    x = (padded_products if images[0].is_cuda else image_products)(images, wy, wx)
+    device = images[0].device
+    rows, cols = rows.to(device), cols.to(device)
+    taps = taps or (reach(rows, kernel), reach(cols, kernel))
+    wy, used_y = axis_weights(rows, out, max(im.shape[1] for im in images), taps[0], kernel)  # (B, out, H)
+    wx, used_x = axis_weights(cols, out, max(im.shape[2] for im in images), taps[1], kernel)  # (B, out, W)
+    x = padded_products(images, wy, wx) if images[0].is_cuda else image_products(images, wy, wx, used_y, used_x)
     # Bicubic overshoots: clipped, and rounded to whole values, as the uint8 resizes of PIL, torchvision and
     # the models' processors are; the models were trained on such 8-bit inputs.
     return x.clamp_(0, 255).round_()
@@ -104,7 +123,11 @@ def padded_products(images: list[torch.Tensor], wy: torch.Tensor, wx: torch.Tens
     return wy[:, None] @ padded.float() @ wx[:, None].transpose(-1, -2)
 
 
-def image_products(images: list[torch.Tensor], wy: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
-    """wy @ image @ wx.T one image at a time, each with the weights of its own size."""
-    return torch.stack([wy[b, :, : im.shape[1]] @ im.float() @ wx[b, :, : im.shape[2]].T
-                        for b, im in enumerate(images)])
+def image_products(images: list[torch.Tensor], wy: torch.Tensor, wx: torch.Tensor, used_y: torch.Tensor,
+                   used_x: torch.Tensor) -> torch.Tensor:
+    """wy @ image @ wx.T one image at a time, over only the rows and columns its weights use."""
+    out = []
+    for b, (im, (y0, y1), (x0, x1)) in enumerate(zip(images, used_y.tolist(), used_x.tolist())):
+        y1, x1 = min(y1, im.shape[1]), min(x1, im.shape[2])
+        out.append(wy[b, :, y0:y1] @ im[:, y0:y1, x0:x1].float() @ wx[b, :, x0:x1].T)
+    return torch.stack(out)
