@@ -87,7 +87,6 @@ COMBINATIONS = [
     ({"model.finetune": "linear_probe", "model.mask.kind": "random"}, "model.mask.kind"),
     ({"model.finetune": "linear_probe", "loss.contrastive_weight": 1.0}, "loss.contrastive_weight"),
     ({"model.mask.unmasked_epochs": 1, "train.epochs": 3}, "model.mask.unmasked_epochs"),  # nothing masked before it
-    ({"model.mask.kind": "random", "model.mask.unmasked_epochs": 1}, "model.mask.unmasked_epochs"),  # of 1 epoch
     ({"wise_ft.alphas": [0.5]}, "wise_ft.alphas"),
     ({"loss.train_text": True}, "loss.train_text"),
 ]

@@ -224,6 +224,16 @@ def test_unmasked_epochs_switch_off_the_masker_and_its_teacher():
         assert torch.equal(teacher, before) != masked
 
 
+def test_a_run_too_short_for_its_unmasked_phase_keeps_one_epoch_masked(caplog):
+    for epochs, unmasked in [(1, 0), (3, 2)]:
+        cfg = load_config(None, ["model.mask.kind=random", f"train.epochs={epochs}", "model.mask.unmasked_epochs=3"])
+        classifier, text = build_classifier(cfg, CLASSES)
+        with caplog.at_level("WARNING", logger="vlfit.task"):
+            task = build_task(cfg, classifier, text, CLASSES)
+        assert task.masked_epochs == epochs - unmasked
+        assert f"3 of {epochs} epochs would leave none masked" in caplog.text
+
+
 def test_unmasked_final_epochs_see_every_token_and_change_nothing_else(tmp_path, monkeypatch):
     calls = []
     saliency = AttentiveMasking.saliency

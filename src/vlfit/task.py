@@ -184,7 +184,19 @@ def build_task(cfg: Config, classifier: ImageClassifier, text: TextTower | None,
         text.requires_grad_(cfg.loss.train_text)  # tower, projection and logit scale/bias train together
     return FineTuner(classifier, classes, masker, text if contrastive else None, templates(cfg),
                      cfg.loss.contrastive_weight, cfg.loss.train_text, cfg.train.label_smoothing, cached_features,
-                     masked_epochs=cfg.train.epochs - mask.unmasked_epochs)
+                     masked_epochs=cfg.train.epochs - unmasked_epochs(cfg))
+
+
+def unmasked_epochs(cfg: Config) -> int:
+    """The final epochs that train on every token: model.mask.unmasked_epochs, but at least one epoch
+    stays masked. A short run (`--set train.epochs=1` on a masked recipe, say) trains masked throughout,
+    with a warning, rather than refusing to start; metrics.jsonl says which epochs were masked."""
+    wanted, epochs = cfg.model.mask.unmasked_epochs, cfg.train.epochs
+    if wanted < epochs:
+        return wanted
+    log.warning("model.mask.unmasked_epochs: %d of %d epochs would leave none masked; the last %d train unmasked",
+                wanted, epochs, epochs - 1)
+    return epochs - 1
 
 
 def templates(cfg: Config) -> tuple[str, ...]:

@@ -112,7 +112,7 @@ def method_of(run: Run) -> str:
     mask = model.get("mask") or {}
     if mask.get("kind") not in (None, "none"):
         parts.append(f"{mask['kind']} masking, keep {mask.get('keep_ratio')}")
-        if n := mask.get("unmasked_epochs"):
+        if n := len(run.unmasked_epochs):  # as trained (a short run may train fewer than its config asks)
             parts.append(f"last {n} epoch{'s' if n > 1 else ''} unmasked")
     elif run.masked:
         parts.append("token masking")
