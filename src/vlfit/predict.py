@@ -14,7 +14,7 @@ from accelerate.utils import gather_object
 from vlfit.checkpoint import load_checkpoint
 from vlfit.config import load_config
 from vlfit.data.gpu_transforms import DecodedImages, EvalResize
-from vlfit.data.images import BadImage, Limits, decode
+from vlfit.data.images import BadImage, Limits, decode, unreadable
 from vlfit.data.loaders import stored_limit
 from vlfit.errors import UserError
 
@@ -101,7 +101,7 @@ def read_image(path: Path, limits: Limits) -> np.ndarray | str:
     except BadImage as err:
         return str(err)
     except OSError as err:
-        return f"cannot read file ({err.strerror or err})"
+        return unreadable(err)
 
 
 def write_csv(predictions: list[Prediction], path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from vlfit.config import DataConfig
+from vlfit.data.images import unreadable
 from vlfit.errors import UserError, first_line
 
 KAGGLE_FILES = {"train": ("Training_set.csv", "train"), "test": ("Testing_set.csv", "test")}
@@ -72,7 +73,7 @@ class Catalog:
             try:
                 data = self.blobs.read(e.key)
             except OSError as err:
-                e.problem = f"cannot read file ({err.strerror or err})"
+                e.problem = unreadable(err)
                 continue
             e.id = hashlib.sha256(data).hexdigest()[:16]
         by_id: dict[str, list[Entry]] = {}

@@ -104,6 +104,11 @@ def _decode(blob: bytes | np.ndarray, limits: Limits) -> tuple[np.ndarray, str, 
     return rgb, mode, orientation in range(2, 9)
 
 
+def unreadable(err: OSError) -> str:
+    """The reason recorded for a file that could not be read at all (missing, permissions, I/O)."""
+    return f"cannot read file ({err.strerror or err})"
+
+
 def _check_size(width: int, height: int, limits: Limits) -> None:
     if min(width, height) < limits.min_side:
         raise BadImage(f"too small: {width}x{height} is under data.min_image_size ({limits.min_side})")

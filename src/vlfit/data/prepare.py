@@ -28,7 +28,7 @@ import numpy as np
 from vlfit.config import DataConfig
 from vlfit.data.catalog import Catalog, Entry, read_catalog
 from vlfit.data.duplicates import DuplicateGroup, find_duplicates
-from vlfit.data.images import ImageFacts, Limits, examine
+from vlfit.data.images import ImageFacts, Limits, examine, unreadable
 from vlfit.data.sources import ImageSet, image_set
 from vlfit.data.split import Split, load_split, stratified_split
 from vlfit.errors import UserError
@@ -325,5 +325,5 @@ def _read(catalog: Catalog, entry: Entry) -> bytes | np.ndarray | OSError:
 
 def _examine_read(blob: bytes | np.ndarray | OSError, limits: Limits) -> ImageFacts:
     if isinstance(blob, OSError):
-        return ImageFacts(reason=f"cannot read file ({blob.strerror or blob})")
+        return ImageFacts(reason=unreadable(blob))
     return examine(blob, limits)
